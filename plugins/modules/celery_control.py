@@ -1,0 +1,145 @@
+#!/usr/bin/python
+"""Talk to a Celery fleet through Celery's control API (broadcast over the broker)."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: celery_control
+short_description: Ping, inspect and steer Celery workers through the control API
+description:
+  - Sends control commands over the broker, so it runs anywhere the broker is reachable and
+    celery is importable (on a worker host: set ansible_python_interpreter to the release's venv).
+  - C(ping) and C(inspect) never change anything. C(cancel_consumer) and C(add_consumer) make the
+    destination nodes stop or start consuming a queue; they report changed only when a node's
+    consumers actually changed.
+options:
+  broker_url:
+    description: Broker URL, with credentials.
+    type: str
+    required: true
+  action:
+    description: What to do.
+    type: str
+    required: true
+    choices: [ping, inspect, cancel_consumer, add_consumer]
+  method:
+    description: Inspect method, for action=inspect.
+    type: str
+    choices: [active, reserved, scheduled, active_queues, stats, registered]
+    default: active
+  destination:
+    description: Node names to address; all nodes when empty.
+    type: list
+    elements: str
+    default: []
+  queue:
+    description: Queue to cancel or add, for the consumer actions.
+    type: str
+  timeout:
+    description: Seconds to wait for replies.
+    type: float
+    default: 2.0
+author: celery-fleet
+"""
+
+EXAMPLES = r"""
+- name: Which nodes answer
+  celery_control:
+    broker_url: "{{ celery_worker_broker_url }}"
+    action: ping
+  register: __pong
+
+- name: Stop web-worker@web1 consuming priority
+  celery_control:
+    broker_url: "{{ celery_worker_broker_url }}"
+    action: cancel_consumer
+    queue: priority
+    destination: [web-worker@web1]
+"""
+
+RETURN = r"""
+nodes:
+  description: Names of the nodes that replied, sorted.
+  type: list
+  returned: always
+replies:
+  description: Reply of each node (for inspect, the method's result; for active and reserved, a task list).
+  type: dict
+  returned: always
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+try:
+    from celery import Celery
+except ImportError:  # pragma: no cover - reported to the user below
+    Celery = None
+
+
+def _merge(replies):
+    """control.broadcast(reply=True) returns [{node: reply}, ...]; make it {node: reply}."""
+    merged = {}
+    for reply in replies or []:
+        merged.update(reply)
+    return merged
+
+
+def run(app, action, method="active", destination=None, queue=None, timeout=2.0, check_mode=False):
+    """The module's logic, callable without Ansible. Returns (changed, replies)."""
+    destination = list(destination or []) or None
+    control = app.control
+    if action == "ping":
+        return False, _merge(control.ping(destination=destination, timeout=timeout))
+    if action == "inspect":
+        inspector = control.inspect(destination=destination, timeout=timeout)
+        return False, getattr(inspector, method)() or {}
+    if not queue:
+        raise ValueError(f"queue is required for action {action}")
+    # Know who consumes what first, so changed is true only when a consumer really moves.
+    before = control.inspect(destination=destination, timeout=timeout).active_queues() or {}
+    consuming = {node: {q["name"] for q in queues} for node, queues in before.items()}
+    if action == "cancel_consumer":
+        targets = sorted(node for node, names in consuming.items() if queue in names)
+    else:
+        targets = sorted(node for node, names in consuming.items() if queue not in names)
+    if not targets or check_mode:
+        return bool(targets), {node: {"ok": "would change" if check_mode else "no change"} for node in consuming}
+    if action == "cancel_consumer":
+        replies = control.cancel_consumer(queue, destination=targets, reply=True, timeout=timeout)
+    else:
+        replies = control.add_consumer(queue, destination=targets, reply=True, timeout=timeout)
+    return True, _merge(replies)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "broker_url": {"type": "str", "required": True, "no_log": True},
+            "action": {"type": "str", "required": True,
+                       "choices": ["ping", "inspect", "cancel_consumer", "add_consumer"]},
+            "method": {"type": "str", "default": "active",
+                       "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
+            "destination": {"type": "list", "elements": "str", "default": []},
+            "queue": {"type": "str"},
+            "timeout": {"type": "float", "default": 2.0},
+        },
+        required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"])],
+        supports_check_mode=True,
+    )
+    if Celery is None:
+        module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
+    app = Celery("celery_fleet_control", broker=module.params["broker_url"])
+    try:
+        changed, replies = run(
+            app, module.params["action"], module.params["method"], module.params["destination"],
+            module.params["queue"], module.params["timeout"], module.check_mode,
+        )
+    except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
+        module.fail_json(msg=f"celery control {module.params['action']} failed: {error}")
+    finally:
+        app.close()
+    module.exit_json(changed=changed, nodes=sorted(replies), replies=replies)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Build a release's wheelhouse on the controller: the application wheel plus every pinned dependency.
+
+Writes <output>.tar atomically: a wheelhouse/ folder with the wheels and requirements.lock.
+Runs with the controller's Python; downloads binary wheels for the hosts' platform, not the controller's.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+
+def pinned_requirements(lock_path):
+    """The name==version lines of a lock file, without comments or environment markers."""
+    pins = []
+    with open(lock_path, encoding="utf-8") as lock:
+        for line in lock:
+            requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+            if requirement:
+                if "==" not in requirement:
+                    raise SystemExit(f"{lock_path}: {requirement!r} is not pinned with ==")
+                pins.append(requirement)
+    return pins
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--app-source", required=True)
+    parser.add_argument("--lock", required=True)
+    parser.add_argument("--python-version", required=True, help="of the hosts, e.g. 3.11")
+    parser.add_argument("--platform", action="append", required=True, help="pip --platform tag, repeatable")
+    parser.add_argument("--output", required=True, help="path of the .tar to write")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="celery-fleet-wheelhouse-") as work:
+        wheelhouse = os.path.join(work, "wheelhouse")
+        os.mkdir(wheelhouse)
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+        subprocess.run(pip + ["wheel", "--quiet", "--no-deps", "--wheel-dir", wheelhouse, args.app_source],
+                       check=True)
+        platforms = [option for tag in args.platform for option in ("--platform", tag)]
+        # pip judges environment markers by the controller's interpreter, not the hosts': fetch every
+        # pinned wheel whatever its marker (the lock is complete, hence --no-deps); the hosts' pip
+        # evaluates the markers when it installs.
+        subprocess.run(pip + ["download", "--quiet", "--no-deps", "--only-binary=:all:", "--implementation", "cp",
+                              "--python-version", args.python_version, *platforms,
+                              "--dest", wheelhouse, *pinned_requirements(args.lock)], check=True)
+        shutil.copy(args.lock, os.path.join(wheelhouse, "requirements.lock"))
+        partial = args.output + ".partial"
+        with tarfile.open(partial, "w") as archive:
+            archive.add(wheelhouse, arcname="wheelhouse")
+        os.replace(partial, args.output)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

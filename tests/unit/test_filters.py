@@ -1,0 +1,115 @@
+import pytest
+
+import celery_fleet as cf
+
+WEB = {
+    "node_name": "web-worker@%h", "queues": ["default", "priority"], "pool": "prefork",
+    "concurrency": 8, "prefetch_multiplier": 4, "max_tasks_per_child": 0,
+    "max_memory_per_child": 0, "soft_time_limit": 300, "time_limit": 360,
+    "autoscale": None, "loglevel": "INFO", "instances": 1, "gpu_mode": "none",
+    "stop_timeout_margin": 30,
+}
+
+NVIDIA_SMI_TWO = (
+    "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1b2c3d4e-aaaa-bbbb-cccc-000000000000)\n"
+    "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1b2c3d4e-aaaa-bbbb-cccc-111111111111)\n"
+)
+
+
+def test_nvidia_smi_two_devices():
+    assert cf.parse_nvidia_smi(NVIDIA_SMI_TWO) == ["0", "1"]
+
+
+def test_nvidia_smi_ignores_mig_and_noise():
+    out = NVIDIA_SMI_TWO.splitlines()[0] + "\n  MIG 1g.10gb Device 0: (UUID: MIG-x)\nNo devices were found\n"
+    assert cf.parse_nvidia_smi(out) == ["0"]
+
+
+def test_nvidia_smi_empty():
+    assert cf.parse_nvidia_smi("") == []
+    assert cf.parse_nvidia_smi(None) == []
+
+
+def test_wheel_platforms_newest_first_and_complete():
+    tags = cf.wheel_platforms("x86_64", "2.36")
+    assert tags[0] == "manylinux_2_36_x86_64"
+    assert "manylinux_2_28_x86_64" in tags and "manylinux_2_17_x86_64" in tags
+    assert tags[-2:] == ["manylinux2014_x86_64", "linux_x86_64"]
+
+
+def test_wheel_platforms_rejects_unknown_glibc():
+    with pytest.raises(ValueError):
+        cf.wheel_platforms("x86_64", "3.1")
+
+
+def test_single_instance_keeps_the_group_node_name():
+    (instance,) = cf.worker_instances(WEB, "web")
+    assert instance["name"] == "web"
+    assert instance["node_name"] == "web-worker@%h"
+    assert instance["cuda_visible_devices"] is None
+    assert instance["timeout_stop_sec"] == 390
+
+
+def test_web_arguments_match_the_settings():
+    args = cf.worker_arguments(WEB, "web-worker@%h").split()
+    assert "--hostname=web-worker@%h" in args
+    assert "--queues=default,priority" in args
+    assert "--pool=prefork" in args
+    assert "--concurrency=8" in args
+    assert "--prefetch-multiplier=4" in args
+    assert "--time-limit=360" in args and "--soft-time-limit=300" in args
+    # Zero means unlimited: the option is left out rather than passed as 0.
+    assert not any(a.startswith("--max-tasks-per-child") for a in args)
+
+
+def test_batch_max_tasks_and_memory_per_child():
+    batch = dict(WEB, queues=["batch"], concurrency=4, max_tasks_per_child=1000, max_memory_per_child=512000)
+    args = cf.worker_arguments(batch, "batch-worker@%h").split()
+    assert "--max-tasks-per-child=1000" in args
+    assert "--max-memory-per-child=512000" in args
+
+
+def test_autoscale_replaces_concurrency():
+    args = cf.worker_arguments(dict(WEB, autoscale={"max": 10, "min": 2}), "w@%h").split()
+    assert "--autoscale=10,2" in args
+    assert not any(a.startswith("--concurrency") for a in args)
+
+
+def test_several_instances_get_unique_names():
+    instances = cf.worker_instances(dict(WEB, instances=3), "web")
+    assert [i["name"] for i in instances] == ["web-1", "web-2", "web-3"]
+    assert [i["node_name"] for i in instances] == [
+        "web-worker-1@%h", "web-worker-2@%h", "web-worker-3@%h"]
+    assert "--hostname=web-worker-2@%h" in instances[1]["arguments"].split()
+
+
+def test_gpu_per_device_pins_one_device_each():
+    gpu = dict(WEB, node_name="gpu-worker@%h", queues=["ml"], concurrency=1, gpu_mode="per_device",
+               instances=None)
+    instances = cf.worker_instances(gpu, "gpu", ["0", "1"])
+    assert [(i["name"], i["cuda_visible_devices"]) for i in instances] == [("gpu-1", "0"), ("gpu-2", "1")]
+    assert [i["node_name"] for i in instances] == ["gpu-worker-1@%h", "gpu-worker-2@%h"]
+
+
+def test_gpu_shared_runs_one_instance_on_all_devices():
+    gpu = dict(WEB, node_name="gpu-worker@%h", queues=["ml"], concurrency=2, gpu_mode="shared")
+    (instance,) = cf.worker_instances(gpu, "gpu", ["0", "1"])
+    assert instance["cuda_visible_devices"] == "0,1"
+    assert "--concurrency=2" in instance["arguments"].split()
+
+
+def test_node_names_expand_like_celery():
+    assert cf.node_names(["web-worker@%h", "%n-x@%d"], "web1.example.org") == [
+        "web-worker@web1.example.org", "web1-x@example.org"]
+
+
+def test_duplicates():
+    assert cf.duplicates(["a", "b", "a", "c", "b"]) == ["a", "b"]
+    assert cf.duplicates(["a"]) == []
+
+
+def test_setting_origins_name_the_last_layer():
+    origins = cf.setting_origins({"pool": "prefork", "concurrency": 4}, "web", {"concurrency": 8},
+                                 {}, {"pool": "bogus"})
+    assert origins == {"pool": "celery_worker_host_settings.pool",
+                       "concurrency": "celery_worker_profiles.web.concurrency"}
