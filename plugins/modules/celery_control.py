@@ -7,8 +7,8 @@ DOCUMENTATION = r"""
 module: celery_control
 short_description: Ping, inspect and steer Celery workers through the control API
 description:
-  - Sends control commands over the broker, so it runs anywhere the broker is reachable and
-    celery is importable (on a worker host: set ansible_python_interpreter to the release's venv).
+  - "Sends control commands over the broker, so it runs anywhere the broker is reachable and
+    celery is importable (on a worker host: set ansible_python_interpreter to the release's venv)."
   - C(ping) and C(inspect) never change anything. C(cancel_consumer) and C(add_consumer) make the
     destination nodes stop or start consuming a queue; they report changed only when a node's
     consumers actually changed.

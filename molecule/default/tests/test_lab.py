@@ -5,6 +5,8 @@ import subprocess
 
 import pytest
 
+testinfra_hosts = ["ansible://all"]
+
 EXPECTED_GROUPS = {
     "broker1": {"broker"},
     "web1": {"web", "workers"},

@@ -1,0 +1,53 @@
+"""Helpers shared by the fleet tests: run Python with the fleet's app on a worker host."""
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import testinfra
+
+PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
+INVENTORY = str(PROJECT / "inventories" / "lab")
+VENV_PYTHON = "/opt/celery-fleet/current/venv/bin/python"
+ENV_FILE = "/etc/celery-fleet/celery.env"
+
+# What the mission's defaults and the lab inventory ask for.
+EXPECTED_NODES = {
+    "web-worker@web1": {"group": "web", "queues": {"default", "priority"}, "concurrency": 8},
+    "web-worker@web2": {"group": "web", "queues": {"default", "priority"}, "concurrency": 8},
+    "batch-worker@batch1": {"group": "batch", "queues": {"batch"}, "concurrency": 4},
+    "gpu-worker-1@gpu1": {"group": "gpu", "queues": {"ml"}, "concurrency": 1},
+    "gpu-worker-2@gpu1": {"group": "gpu", "queues": {"ml"}, "concurrency": 1},
+}
+
+
+def lab_host(name):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def run_python(host, code, timeout=60):
+    """Run code with the release's Python and the fleet's environment; it prints one JSON value."""
+    encoded = base64.b64encode(code.encode()).decode()
+    command = (
+        f"set -a; . {ENV_FILE}; set +a; "
+        f"timeout {timeout} {VENV_PYTHON} -c \"import base64; exec(base64.b64decode('{encoded}'))\""
+    )
+    result = host.run(command)
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def control(host, method, timeout=3):
+    """Celery's inspect/ping over the broker, from a worker host: {node: reply}."""
+    return run_python(host, f"""
+import json
+from celery_fleet_app import app
+if {method!r} == "ping":
+    replies = {{}}
+    for reply in app.control.ping(timeout={timeout}):
+        replies.update(reply)
+else:
+    replies = getattr(app.control.inspect(timeout={timeout}), {method!r})() or {{}}
+print(json.dumps(replies))
+""")
