@@ -1,0 +1,115 @@
+"""celery_control against a real Redis and a real Celery worker on loopback (no mocks)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import celery_control
+
+APP_SRC = Path(__file__).resolve().parents[2] / "app" / "src"
+NODE = "unit-worker@localhost"
+
+# ./fleet setup installs redis-server; without it these tests fail rather than skip.
+assert shutil.which("redis-server"), "redis-server is needed: run ./fleet setup"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def broker_url(tmp_path_factory):
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    yield url
+    redis.terminate()
+    redis.wait(10)
+
+
+@pytest.fixture(scope="module")
+def worker(broker_url):
+    env = dict(os.environ, CELERY_BROKER_URL=broker_url, PYTHONPATH=str(APP_SRC))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "--app", "celery_fleet_app", "worker", "--pool=solo",
+         f"--hostname={NODE}", "--queues=default,priority", "--without-mingle", "--without-gossip",
+         "--loglevel=WARNING"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from celery import Celery
+    app = Celery("unit-test-control", broker=broker_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, replies = celery_control.run(app, "ping", timeout=0.5)
+        if NODE in replies:
+            break
+    else:
+        process.kill()
+        pytest.fail("the test worker never answered ping")
+    yield app
+    process.terminate()
+    process.wait(30)
+    app.close()
+
+
+def queues_of(app):
+    _, replies = celery_control.run(app, "inspect", "active_queues", timeout=1)
+    return {q["name"] for q in replies[NODE]}
+
+
+def test_ping_names_the_node_and_changes_nothing(worker):
+    changed, replies = celery_control.run(worker, "ping", destination=[NODE], timeout=1)
+    assert changed is False
+    assert replies == {NODE: {"ok": "pong"}}
+
+
+def test_inspect_stats_reports_the_pool(worker):
+    changed, replies = celery_control.run(worker, "inspect", "stats", destination=[NODE], timeout=1)
+    assert changed is False
+    assert replies[NODE]["pool"]["implementation"] == "celery.concurrency.solo:TaskPool"
+
+
+def test_inspect_active_and_reserved_are_empty_when_idle(worker):
+    assert celery_control.run(worker, "inspect", "active", timeout=1)[1] == {NODE: []}
+    assert celery_control.run(worker, "inspect", "reserved", timeout=1)[1] == {NODE: []}
+
+
+def test_cancel_then_add_consumer_moves_the_queue_and_reports_changed_once(worker):
+    assert queues_of(worker) == {"default", "priority"}
+    changed, _ = celery_control.run(worker, "cancel_consumer", queue="priority", destination=[NODE], timeout=1)
+    assert changed is True
+    assert queues_of(worker) == {"default"}
+    # Again: nothing left to cancel, so nothing changes.
+    changed, _ = celery_control.run(worker, "cancel_consumer", queue="priority", destination=[NODE], timeout=1)
+    assert changed is False
+    changed, _ = celery_control.run(worker, "add_consumer", queue="priority", destination=[NODE], timeout=1)
+    assert changed is True
+    assert queues_of(worker) == {"default", "priority"}
+
+
+def test_check_mode_reports_without_changing(worker):
+    changed, _ = celery_control.run(worker, "cancel_consumer", queue="default", destination=[NODE],
+                                    timeout=1, check_mode=True)
+    assert changed is True
+    assert queues_of(worker) == {"default", "priority"}
+
+
+def test_consumer_actions_need_a_queue(worker):
+    with pytest.raises(ValueError, match="queue is required"):
+        celery_control.run(worker, "cancel_consumer", destination=[NODE])
