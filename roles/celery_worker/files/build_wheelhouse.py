@@ -40,8 +40,10 @@ def main():
         wheelhouse = os.path.join(work, "wheelhouse")
         os.mkdir(wheelhouse)
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-        subprocess.run(pip + ["wheel", "--quiet", "--no-deps", "--wheel-dir", wheelhouse, args.app_source],
-                       check=True)
+        # Build from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+        source = shutil.copytree(args.app_source, os.path.join(work, "app-source"),
+                                 ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        subprocess.run(pip + ["wheel", "--quiet", "--no-deps", "--wheel-dir", wheelhouse, source], check=True)
         platforms = [option for tag in args.platform for option in ("--platform", tag)]
         # pip judges environment markers by the controller's interpreter, not the hosts': fetch every
         # pinned wheel whatever its marker (the lock is complete, hence --no-deps); the hosts' pip
