@@ -9,7 +9,9 @@ short_description: Ping, inspect and steer Celery workers through the control AP
 description:
   - "Sends control commands over the broker, so it runs anywhere the broker is reachable and
     celery is importable (on a worker host: set ansible_python_interpreter to the release's venv)."
-  - C(ping) and C(inspect) never change anything. C(cancel_consumer) and C(add_consumer) make the
+  - "C(pending) counts each node's reserved and active tasks, reserved first: once a node has stopped
+    consuming, a task only moves from reserved to active, so zero and zero means the node is idle."
+  - C(ping), C(inspect) and C(pending) never change anything. C(cancel_consumer) and C(add_consumer) make the
     destination nodes stop or start consuming a queue; they report changed only when a node's
     consumers actually changed.
 options:
@@ -21,7 +23,7 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, cancel_consumer, add_consumer]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -63,7 +65,9 @@ nodes:
   type: list
   returned: always
 replies:
-  description: Reply of each node (for inspect, the method's result; for active and reserved, a task list).
+  description: >-
+    Reply of each node (for inspect, the method's result; for active and reserved, a task list; for
+    pending, C({reserved: N, active: N, total: N}) for the nodes that answered both questions).
   type: dict
   returned: always
 """
@@ -93,6 +97,17 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     if action == "inspect":
         inspector = control.inspect(destination=destination, timeout=timeout)
         return False, getattr(inspector, method)() or {}
+    if action == "pending":
+        # Reserved first: a task moves from reserved to active, never back, and a node that has
+        # cancelled its consumers reserves nothing new. Asked the other way round, a task could
+        # move between the two questions and be counted in neither.
+        reserved = control.inspect(destination=destination, timeout=timeout).reserved() or {}
+        active = control.inspect(destination=destination, timeout=timeout).active() or {}
+        return False, {
+            node: {"reserved": len(reserved[node]), "active": len(active[node]),
+                   "total": len(reserved[node]) + len(active[node])}
+            for node in sorted(set(reserved) & set(active))
+        }
     if not queue:
         raise ValueError(f"queue is required for action {action}")
     # Know who consumes what first, so changed is true only when a consumer really moves.
@@ -116,7 +131,7 @@ def main():
         argument_spec={
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
-                       "choices": ["ping", "inspect", "cancel_consumer", "add_consumer"]},
+                       "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},

@@ -48,7 +48,7 @@ def broker_url(tmp_path_factory):
 def worker(broker_url):
     env = dict(os.environ, CELERY_BROKER_URL=broker_url, PYTHONPATH=str(APP_SRC))
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "--app", "celery_fleet_app", "worker", "--pool=solo",
+        [sys.executable, "-m", "celery", "--app", "celery_fleet_app", "worker", "--pool=threads", "--concurrency=1",
          f"--hostname={NODE}", "--queues=default,priority", "--without-mingle", "--without-gossip",
          "--loglevel=WARNING"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,7 +82,7 @@ def test_ping_names_the_node_and_changes_nothing(worker):
 def test_inspect_stats_reports_the_pool(worker):
     changed, replies = celery_control.run(worker, "inspect", "stats", destination=[NODE], timeout=1)
     assert changed is False
-    assert replies[NODE]["pool"]["implementation"] == "celery.concurrency.solo:TaskPool"
+    assert replies[NODE]["pool"]["implementation"] == "celery.concurrency.thread:TaskPool"
 
 
 def test_inspect_active_and_reserved_are_empty_when_idle(worker):
@@ -113,3 +113,46 @@ def test_check_mode_reports_without_changing(worker):
 def test_consumer_actions_need_a_queue(worker):
     with pytest.raises(ValueError, match="queue is required"):
         celery_control.run(worker, "cancel_consumer", destination=[NODE])
+
+
+def test_pending_counts_reserved_and_active_until_the_node_is_idle(worker):
+    from celery import Celery
+
+    producer = Celery("unit-test-producer", broker=worker.conf.broker_url)
+    try:
+        for token in ("first", "second"):
+            producer.send_task("celery_fleet_app.tasks.sleep_task", args=[2, token], queue="default")
+        # One slot: one task runs, the other waits in the worker's reserved list.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            changed, replies = celery_control.run(worker, "pending", destination=[NODE], timeout=1)
+            if replies.get(NODE) == {"reserved": 1, "active": 1, "total": 2}:
+                break
+        else:
+            pytest.fail(f"never saw one active and one reserved task: {replies}")
+        assert changed is False
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            replies = celery_control.run(worker, "pending", destination=[NODE], timeout=1)[1]
+            if replies.get(NODE, {}).get("total") == 0:
+                break
+        else:
+            pytest.fail(f"the node never became idle: {replies}")
+        assert replies == {NODE: {"reserved": 0, "active": 0, "total": 0}}
+    finally:
+        producer.close()
+
+
+def test_pending_leaves_out_nodes_that_do_not_answer(worker):
+    assert celery_control.run(worker, "pending", destination=["nobody@nowhere"], timeout=0.5)[1] == {}
+
+
+def test_documentation_parses_and_matches_the_argument_spec():
+    import yaml
+
+    documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
+    yaml.safe_load(celery_control.RETURN)
+    assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer"]
+    source = Path(celery_control.__file__).read_text()
+    for action in documented["action"]["choices"]:
+        assert f'"{action}"' in source.split("def main")[1], action

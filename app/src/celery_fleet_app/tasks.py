@@ -1,10 +1,17 @@
 """Example tasks, one family per queue, plus helpers the tests and benchmarks use."""
 
+import json
 import os
 import socket
+import sys
 import time
+from functools import lru_cache
+from pathlib import Path
 
 from celery_fleet_app.celery import app
+
+# The release this process was started from (resolved once: `current` may move while it runs).
+RELEASE = Path(sys.prefix).resolve().parent.name
 
 
 def _where(task) -> dict:
@@ -36,6 +43,29 @@ def sleep_task(self, seconds, token=None):
     """Sleep, then report. Used by drain and rolling-restart tests; route with queue=..."""
     time.sleep(float(seconds))
     return {"token": token, "slept": seconds, **_where(self)}
+
+
+@lru_cache(maxsize=1)
+def _ledger_client():
+    import redis  # celery[redis] installs it
+
+    return redis.Redis.from_url(app.conf.result_backend or app.conf.broker_url)
+
+
+@app.task(bind=True, ignore_result=True)
+def ledger_task(self, seconds, token, ledger):
+    """Sleep, then append one record of this execution to the Redis list `ledger`.
+
+    The load tests and benchmarks count these records: a token with no record is a lost task, a token
+    with two is a task that ran twice. The record is written before the late acknowledgement, so a
+    worker killed in between shows up as a duplicate, as it should.
+    """
+    started = time.time()
+    time.sleep(float(seconds))
+    record = {"token": token, "seconds": seconds, "started": started, "finished": time.time(),
+              "release": RELEASE, "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
+              **_where(self)}
+    _ledger_client().rpush(ledger, json.dumps(record))
 
 
 @app.task(bind=True)

@@ -1,0 +1,223 @@
+"""Rolling restart and upgrades of the lab fleet while a producer keeps all four queues busy.
+
+Each case checks, from outside the playbooks:
+- every task sent ran to completion exactly once (ledger records; loss and duplicate counts reported);
+- no task was killed: no WorkerLostError, no SIGKILL and no stop timeout in any unit's journal, and
+  every stopped instance logged a warm shutdown;
+- at no sampled moment were more nodes of a group out of service than the batch size allows.
+
+The cases run in order on one lab: restart, upgrade to a new release, then an upgrade to a release
+whose application cannot be imported, which must stop at the canary and put it back.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import testinfra
+
+import fleetload
+from conftest import PROJECT
+
+INVENTORY = str(PROJECT / "inventories" / "lab")
+# The lab runs web-worker@web1, @web2, batch-worker@batch1 and two GPU instances on gpu1.
+EXPECTED_NODES = 5
+# The playbooks' default celery_fleet_rolling_serial.
+SERIAL = [1, "25%"]
+# Tasks per second sent to each queue, 0 to 5 s each (2.5 s on average): about 40% of the fleet's
+# slots in steady state (web 16, batch 4, gpu 2), and under 80% of what is left while a web or GPU
+# node is out. The batch queue has one host: it waits while batch1 rolls, and must lose nothing.
+RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
+WARMUP = 8  # seconds of load before the roll starts
+COOLDOWN = 5  # seconds of load after it ends
+NEW_RELEASE = "1.1.0"
+BROKEN_RELEASE = "1.2.0-broken"
+# Lines that mean a task or a worker was killed, or a stop did not end warmly.
+KILLED = re.compile(r"WorkerLostError|SIGKILL|status=9/KILL|code=killed|Cold shutdown|[Tt]imed out|"
+                    r"Killing process|Failed with result '(timeout|signal|oom-kill)'")
+
+
+def lab_host(name):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+class Fleet:
+    def __init__(self):
+        self.broker_url, self.result_url = fleetload.lab_broker_urls(INVENTORY, PROJECT)
+        self.host_groups = fleetload.worker_groups(INVENTORY, PROJECT)
+        self.nodes = fleetload.discover_nodes(self.broker_url, EXPECTED_NODES)
+        self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
+        # A batch of N hosts rolls their instances one after another: at most N nodes out at once.
+        self.allowed_out = {
+            group: max(fleetload.ansible_batch_sizes(SERIAL, list(self.host_groups.values()).count(group)))
+            for group in set(self.host_groups.values())
+        }
+
+    def units(self):
+        """{host: {unit: MainPID}} of every worker instance."""
+        state = {}
+        for name in self.host_groups:
+            host = lab_host(name)
+            listing = host.check_output("systemctl list-units 'celery-worker@*' --all --plain --no-legend")
+            units = sorted(line.split()[0] for line in listing.splitlines() if line.strip())
+            state[name] = {unit: host.check_output(f"systemctl show -p MainPID --value {unit}") for unit in units}
+        return state
+
+    def releases(self):
+        """{host: the release `current` points at}."""
+        return {name: os.path.basename(lab_host(name).check_output("readlink /opt/celery-fleet/current"))
+                for name in self.host_groups}
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    return Fleet()
+
+
+def run_playbook(playbook, *extra_args):
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+               ANSIBLE_VAULT_PASSWORD_FILE=str(PROJECT / "inventories" / "lab" / "lab-vault-password.txt"))
+    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / playbook), *extra_args],
+                         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=1200)
+    return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
+
+
+def roll_under_load(fleet, playbook, *extra_args):
+    """Run a playbook while the producer sends tasks; return (rc, output, report)."""
+    load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
+    load.start()
+    time.sleep(WARMUP)
+    load.mark("roll_start")
+    rc, output = run_playbook(playbook, *extra_args)
+    load.mark("roll_end")
+    time.sleep(COOLDOWN)
+    records = load.finish()
+    assert not load.producer.errors, load.producer.errors
+    assert not load.monitor.errors, load.monitor.errors
+    report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, fleet.node_groups, load.marks,
+                               fleet.allowed_out)
+    summary = {key: report[key] for key in ("sent", "completed", "lost", "duplicates", "redelivered", "unknown",
+                                            "sent_per_queue", "ran_per_node", "ran_per_release",
+                                            "max_out_of_service", "allowed_out_of_service", "samples")}
+    summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
+    print(f"{playbook} {' '.join(extra_args)}: {json.dumps(summary, sort_keys=True)}")
+    return rc, output, report
+
+
+def assert_every_task_ran_exactly_once(report):
+    assert report["sent"] >= 100, f"the producer sent only {report['sent']} tasks"
+    assert set(report["sent_per_queue"]) == set(RATES), report["sent_per_queue"]
+    assert (report["lost"], report["duplicates"], report["unknown"]) == (0, 0, 0), (
+        f"{report['lost']} task(s) lost {report['lost_tokens']}, {report['duplicates']} run twice "
+        f"{report['duplicated_tokens']}, {report['unknown']} unknown, of {report['sent']} sent")
+
+
+def assert_capacity_kept(report):
+    for group, allowed in report["allowed_out_of_service"].items():
+        assert report["max_out_of_service"].get(group, 0) <= allowed, (
+            f"group {group}: {report['max_out_of_service'][group]} node(s) out of service at once "
+            f"({report['worst_moment'][group]}); the batch size allows {allowed}")
+
+
+def assert_rolled(report, nodes):
+    """Each node went out of service exactly once (drain to consuming again), and came back."""
+    for node in nodes:
+        windows = report["windows"][node]
+        assert len(windows) == 1, f"{node}: out-of-service windows {windows}"
+        assert windows[0]["end"] is not None, f"{node} never came back into service"
+
+
+def assert_warm_stops_only(fleet, since, stopped_units):
+    """No kill in any worker unit's journal since `since`; every stopped unit logged a warm shutdown."""
+    for name, units in stopped_units.items():
+        host = lab_host(name)
+        for unit in units:
+            journal = host.check_output(f"journalctl --no-pager -o cat --since=@{int(since)} -u {unit}")
+            killed = [line for line in journal.splitlines() if KILLED.search(line)]
+            assert not killed, f"{name} {unit}: {killed}"
+            assert "worker: Warm shutdown (MainProcess)" in journal, f"{name} {unit} did not shut down warmly"
+        # And nothing was killed in the instances that were not stopped either.
+        journal = host.check_output(f"journalctl --no-pager -o cat --since=@{int(since)} -u 'celery-worker@*'")
+        killed = [line for line in journal.splitlines() if KILLED.search(line)]
+        assert not killed, f"{name}: {killed}"
+
+
+def test_rolling_restart_under_load_loses_nothing(fleet):
+    before = fleet.units()
+    since = time.time()
+    rc, output, report = roll_under_load(fleet, "rolling_restart.yml")
+    assert rc == 0, output[-4000:]
+    assert_every_task_ran_exactly_once(report)
+    assert_capacity_kept(report)
+    assert_rolled(report, fleet.nodes)
+    after = fleet.units()
+    for name, units in before.items():
+        assert set(after[name]) == set(units), name
+        for unit, pid in units.items():
+            assert after[name][unit] != pid, f"{name} {unit} was not restarted"
+    assert_warm_stops_only(fleet, since, before)
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+
+
+def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
+    old_releases = fleet.releases()
+    assert NEW_RELEASE not in old_releases.values()
+    before = fleet.units()
+    since = time.time()
+    rc, output, report = roll_under_load(fleet, "upgrade.yml", "--extra-vars", f"celery_worker_release={NEW_RELEASE}")
+    assert rc == 0, output[-4000:]
+    assert_every_task_ran_exactly_once(report)
+    assert_capacity_kept(report)
+    assert_rolled(report, fleet.nodes)
+    assert set(fleet.releases().values()) == {NEW_RELEASE}
+    # Tasks ran on both releases, and after the roll only on the new one.
+    assert set(report["ran_per_release"]) == set(old_releases.values()) | {NEW_RELEASE}, report["ran_per_release"]
+    assert_warm_stops_only(fleet, since, before)
+    # The new release's own processes answer: ask each node which release runs it.
+    load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
+    load.start()
+    time.sleep(6)
+    records = load.finish()
+    assert records and {record["release"] for record in records} == {NEW_RELEASE}
+    assert {record["node"] for record in records} == set(fleet.nodes)
+
+
+@pytest.fixture
+def broken_app(tmp_path):
+    """A copy of the application whose package raises on import."""
+    source = shutil.copytree(PROJECT / "app", tmp_path / "app",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    init = source / "src" / "celery_fleet_app" / "__init__.py"
+    init.write_text('raise ImportError("celery-fleet test: this release cannot be imported")\n' + init.read_text())
+    return source
+
+
+def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_back(fleet, broken_app):
+    releases = fleet.releases()
+    before = fleet.units()
+    since = time.time()
+    rc, output, report = roll_under_load(
+        fleet, "upgrade.yml", "--extra-vars",
+        json.dumps({"celery_worker_release": BROKEN_RELEASE, "celery_worker_app_source": str(broken_app),
+                    "celery_worker_rolling_start_timeout": 30}))
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert "Rolling upgrade failed on web1, instance web (web-worker@web1), at step 'health check'" in message, (
+        output[-4000:])
+    assert "put back on its previous release and is consuming again" in message
+    # The new release was staged everywhere, but only the canary was touched and it is back as it was.
+    assert fleet.releases() == releases
+    after = fleet.units()
+    assert after["web1"]["celery-worker@web.service"] != before["web1"]["celery-worker@web.service"]
+    assert {name: units for name, units in after.items() if name != "web1"} == {
+        name: units for name, units in before.items() if name != "web1"}, "a host other than the canary changed"
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert_every_task_ran_exactly_once(report)
+    assert_capacity_kept(report)
+    assert set(report["ran_per_release"]) == set(releases.values()), report["ran_per_release"]
+    # The canary's old process stopped warmly; the broken one never ran a task.
+    assert_warm_stops_only(fleet, since, {"web1": ["celery-worker@web.service"]})

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Benchmark a rolling restart (or upgrade) of the fleet under load; write a JSON record and a PNG timeline.
+
+Not a test: it measures. Needs a deployed fleet (`./fleet lab` for the lab) and the controller's venv:
+
+    .venv/bin/python scripts/bench_rolling.py                      # saturating load, lab inventory
+    .venv/bin/python scripts/bench_rolling.py --mode rate          # the rolling test's open-loop rates
+
+Load modes:
+  backlog  keeps every queue's Redis list topped up (default 2 tasks per slot of the group): the fleet
+           runs at capacity, so throughput during the roll measures the capacity the roll costs;
+  rate     sends at fixed rates per queue (the Molecule rolling scenario's), below capacity.
+
+Reports: total roll duration; for each node and host, its out-of-service window (drained until it
+consumes again), the part of it spent finishing tasks already running or reserved (drain), and the
+rest (overhead: stop, start, health check); throughput during the roll over steady-state throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fleetload  # noqa: E402
+
+PROJECT = fleetload.PROJECT
+RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inventory", default=str(PROJECT / "inventories" / "lab"))
+    parser.add_argument("--broker-url", help="broker URL reachable from here (default: the lab's broker)")
+    parser.add_argument("--result-url", help="result backend URL the ledger tasks write to (default: the lab's)")
+    parser.add_argument("--playbook", default="rolling_restart.yml")
+    parser.add_argument("--extra-vars", action="append", default=[], help="passed to ansible-playbook")
+    parser.add_argument("--serial", default='[1, "25%"]', help="JSON: the roll's serial, for the capacity check")
+    parser.add_argument("--mode", choices=["backlog", "rate"], default="backlog")
+    parser.add_argument("--backlog-per-slot", type=float, default=2.0)
+    parser.add_argument("--steady", type=float, default=40.0, help="seconds of load before the roll")
+    parser.add_argument("--tail", type=float, default=10.0, help="seconds of load after the roll")
+    parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
+    parser.add_argument("--seed", type=int, default=4)
+    return parser.parse_args()
+
+
+def slots_per_queue(broker_url: str, nodes: dict) -> dict:
+    """{queue: pool slots consuming it} from each node's stats."""
+    from celery import Celery
+
+    app = Celery("bench-stats", broker=broker_url)
+    try:
+        stats = app.control.inspect(timeout=2.0, limit=len(nodes)).stats() or {}
+    finally:
+        app.close()
+    slots = defaultdict(int)
+    for node, queues in nodes.items():
+        for queue in queues:
+            slots[queue] += stats.get(node, {}).get("pool", {}).get("max-concurrency", 1)
+    return dict(slots)
+
+
+def summarise(report: dict, node_groups: dict) -> dict:
+    marks = report["marks"]
+    nodes, hosts = {}, defaultdict(lambda: {"out_of_service_s": 0.0, "drain_s": 0.0, "overhead_s": 0.0})
+    for node, windows in sorted(report["windows"].items()):
+        closed = [w for w in windows if w["end"] is not None]
+        nodes[node] = {
+            "group": node_groups[node],
+            "windows": len(windows),
+            "out_of_service_s": round(sum(w["seconds"] for w in closed), 2),
+            "drain_s": round(sum(w["drain_seconds"] for w in closed), 2),
+            "overhead_s": round(sum(w["overhead_seconds"] for w in closed), 2),
+        }
+        host = hosts[fleetload.node_host(node)]
+        for key in ("out_of_service_s", "drain_s", "overhead_s"):
+            host[key] = round(host[key] + nodes[node][key], 2)
+    throughput = report["throughput"]
+    return {
+        "roll_seconds": round(marks["roll_end"] - marks["roll_start"], 2),
+        "sent": report["sent"], "lost": report["lost"], "duplicates": report["duplicates"],
+        "max_out_of_service": report["max_out_of_service"],
+        "allowed_out_of_service": report["allowed_out_of_service"],
+        "steady_tasks_per_s": round(throughput["steady_per_s"] or 0, 3),
+        "rolling_tasks_per_s": round(throughput["rolling_per_s"] or 0, 3),
+        "rolling_over_steady": round(throughput["rolling_fraction"] or 0, 3),
+        "nodes": nodes, "hosts": dict(hosts),
+    }
+
+
+def plot(path: Path, report: dict, samples: list[dict], node_groups: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    marks = report["marks"]
+    zero = marks["roll_start"]
+    fig, (ax_rate, ax_nodes, ax_windows) = plt.subplots(3, 1, figsize=(12, 9), sharex=True,
+                                                       gridspec_kw={"height_ratios": [2, 1.3, 1.6]})
+    seconds = [t - zero for t, _ in report["throughput"]["per_second"]]
+    counts = [n for _, n in report["throughput"]["per_second"]]
+    ax_rate.bar(seconds, counts, width=1.0, align="edge", color="#9ecae1", label="tasks finished per second")
+    window = 5
+    smooth = [sum(counts[max(0, i - window + 1):i + 1]) / min(window, i + 1) for i in range(len(counts))]
+    ax_rate.plot([s + 0.5 for s in seconds], smooth, color="#08519c", label="5 s moving average")
+    if report["throughput"]["steady_per_s"]:
+        ax_rate.axhline(report["throughput"]["steady_per_s"], color="grey", ls="--", lw=1,
+                        label=f"steady state {report['throughput']['steady_per_s']:.2f}/s")
+    depth_ax = ax_rate.twinx()
+    for queue in sorted(samples[0]["depth"]) if samples else []:
+        depth_ax.plot([s["t"] - zero for s in samples], [s["depth"][queue] for s in samples], lw=0.8, alpha=0.6,
+                      label=f"queue {queue}")
+    depth_ax.set_ylabel("messages waiting")
+    depth_ax.legend(loc="upper right", fontsize=7)
+    ax_rate.set_ylabel("tasks/s")
+    ax_rate.legend(loc="upper left", fontsize=7)
+    ax_rate.set_title(title)
+
+    groups = sorted(set(node_groups.values()))
+    for group in groups:
+        members = [n for n in node_groups if node_groups[n] == group]
+        ax_nodes.step([s["t"] - zero for s in samples],
+                      [sum(s["in_service"][n] for n in members) for s in samples], where="post",
+                      label=f"{group} ({len(members)} nodes)")
+    ax_nodes.set_ylabel("nodes in service")
+    ax_nodes.legend(loc="lower left", fontsize=7)
+
+    names = sorted(node_groups, key=lambda n: (groups.index(node_groups[n]), n))
+    for row, node in enumerate(names):
+        for window_ in report["windows"][node]:
+            end = window_["end"] or marks["complete"]
+            drain = window_["drain_seconds"]
+            ax_windows.broken_barh([(window_["start"] - zero, drain)], (row - 0.35, 0.7), color="#fdae6b")
+            ax_windows.broken_barh([(window_["start"] - zero + drain, end - window_["start"] - drain)],
+                                   (row - 0.35, 0.7), color="#e6550d")
+    ax_windows.set_yticks(range(len(names)), names, fontsize=8)
+    ax_windows.set_xlabel("seconds since the roll started (roll ends at the dotted line)")
+    ax_windows.set_ylabel("out of service")
+    ax_windows.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#fdae6b"), plt.Rectangle((0, 0), 1, 1, color="#e6550d")],
+                      labels=["finishing its tasks (drain)", "stop, start, health check"], loc="lower right",
+                      fontsize=7)
+    for ax in (ax_rate, ax_nodes, ax_windows):
+        ax.axvline(0, color="black", ls=":", lw=1)
+        ax.axvline(marks["roll_end"] - zero, color="black", ls=":", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    if args.broker_url:
+        broker_url, result_url = args.broker_url, args.result_url or args.broker_url
+    else:
+        broker_url, result_url = fleetload.lab_broker_urls(args.inventory, PROJECT)
+    host_groups = fleetload.worker_groups(args.inventory, PROJECT)
+    expected = None
+    nodes = fleetload.discover_nodes(broker_url, expected=1)
+    # Wait for the whole fleet: every worker host has at least one node.
+    deadline = time.monotonic() + 30
+    while {fleetload.node_host(n) for n in nodes} != set(host_groups) and time.monotonic() < deadline:
+        nodes = fleetload.discover_nodes(broker_url, expected=len(nodes) + 1)
+    expected = len(nodes)
+    node_groups = {node: host_groups[fleetload.node_host(node)] for node in nodes}
+    serial = json.loads(args.serial)
+    allowed = {group: max(fleetload.ansible_batch_sizes(serial, list(host_groups.values()).count(group)))
+               for group in set(host_groups.values())}
+    slots = slots_per_queue(broker_url, nodes)
+    if args.mode == "backlog":
+        load_kwargs = {"backlog": {q: max(1, round(n * args.backlog_per_slot)) for q, n in slots.items()}}
+    else:
+        load_kwargs = {"rates": RATES}
+    print(f"{expected} nodes, slots per queue {slots}, load {load_kwargs}", flush=True)
+
+    load = fleetload.Load(broker_url, result_url, nodes, seed=args.seed, **load_kwargs)
+    load.start()
+    time.sleep(min(10.0, args.steady / 3))
+    load.mark("steady_start")
+    time.sleep(args.steady - min(10.0, args.steady / 3))
+    load.mark("roll_start")
+    command = ["ansible-playbook", "-i", args.inventory, str(PROJECT / "playbooks" / args.playbook)]
+    for extra in args.extra_vars:
+        command += ["--extra-vars", extra]
+    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"))
+    env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(PROJECT / "inventories" / "lab" / "lab-vault-password.txt"))
+    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT)
+    load.mark("roll_end")
+    time.sleep(args.tail)
+    records = load.finish()
+    report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed)
+    summary = summarise(report, node_groups)
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{Path(args.playbook).stem}-{args.mode}-{stamp}"
+    record = {
+        "benchmark": "rolling", "playbook": args.playbook, "extra_vars": args.extra_vars, "mode": args.mode,
+        "load": load_kwargs, "slots_per_queue": slots, "serial": serial, "inventory": args.inventory,
+        "playbook_rc": run.returncode, "summary": summary,
+        "producer_errors": load.producer.errors, "monitor_errors": load.monitor.errors,
+        "report": report,
+        "samples": [{"t": s["t"], "in_service": s["in_service"], "depth": s["depth"]} for s in load.monitor.samples],
+    }
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+    plot(out / f"{name}.png", report, load.monitor.samples, node_groups,
+         f"{args.playbook} under {args.mode} load: {summary['roll_seconds']} s, throughput during roll "
+         f"{summary['rolling_over_steady']:.0%} of steady state")
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    print(f"wrote {out / name}.json and .png")
+    if run.returncode != 0:
+        print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
+        return 1
+    return 0 if summary["lost"] == 0 and summary["duplicates"] == 0 else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Load, ledger and in-service monitor for a Celery fleet under a rolling operation.
+
+Shared by the rolling Molecule scenario (molecule/rolling) and the benchmark (scripts/bench_rolling.py);
+runs on the controller and talks to the broker directly.
+
+- Producer sends `ledger_task(seconds, token, ledger)` tasks of random duration to the fleet's queues,
+  either at a fixed rate per queue (open loop) or topping each queue up to a backlog (saturation).
+- Each task appends one record to a Redis list (the ledger) when its body has run: a token without a
+  record was lost, a token with two records ran twice.
+- Monitor asks every node which queues it consumes several times a second: a node is in service when
+  it answers and consumes all of its queues. A drained or stopped node is out of service.
+- analyse() turns the three into counts, out-of-service windows and throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+from celery import Celery
+
+PROJECT = Path(__file__).resolve().parents[1]
+LEDGER_TASK = "celery_fleet_app.tasks.ledger_task"
+
+
+# --- The lab ------------------------------------------------------------------------------------
+
+
+def _ansible_env(project: Path) -> dict:
+    env = dict(os.environ)
+    env.setdefault("ANSIBLE_CONFIG", str(project / "ansible.cfg"))
+    # LAB ONLY: the lab's vault password is public.
+    env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(project / "inventories" / "lab" / "lab-vault-password.txt"))
+    return env
+
+
+def inventory_list(inventory: str | Path, project: Path = PROJECT) -> dict:
+    """`ansible-inventory --list` of an inventory, vault decrypted."""
+    result = subprocess.run(["ansible-inventory", "-i", str(inventory), "--list"], capture_output=True, text=True,
+                            check=True, env=_ansible_env(project))
+    return json.loads(result.stdout)
+
+
+def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT):
+    """(broker URL, result backend URL) of the lab's broker, reachable from the controller.
+
+    The lab's hosts are containers: their names resolve only on the lab network, so the broker's
+    container address is asked from Docker.
+    """
+    listing = inventory_list(inventory, project)
+    broker = listing["broker"]["hosts"][0]
+    hostvars = listing["_meta"]["hostvars"][broker]
+    container = hostvars.get("ansible_host", broker)
+    address = subprocess.run(
+        ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container],
+        capture_output=True, text=True, check=True).stdout.split()[0]
+    password = quote(hostvars["vault_celery_broker_password"], safe="")
+    port = hostvars.get("celery_broker_port", 6379)
+    return f"redis://:{password}@{address}:{port}/0", f"redis://:{password}@{address}:{port}/1"
+
+
+def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT,
+                  groups=("web", "batch", "gpu")) -> dict:
+    """{host: group} of the worker hosts, the first of `groups` a host is in."""
+    listing = inventory_list(inventory, project)
+    hosts = {}
+    for group in groups:
+        for host in listing.get(group, {}).get("hosts", []):
+            hosts.setdefault(host, group)
+    return hosts
+
+
+def ansible_batch_sizes(serial, hosts: int) -> list[int]:
+    """The batch sizes Ansible makes of `hosts` hosts for a play's `serial` (a number, a percentage or
+    a list of them; the last one repeats), as its strategy computes them: a percentage rounds down,
+    and a batch has at least one host."""
+    steps = serial if isinstance(serial, list) else [serial]
+    sizes, left, index = [], hosts, 0
+    while left > 0:
+        step = steps[min(index, len(steps) - 1)]
+        if isinstance(step, str) and step.endswith("%"):
+            size = int(float(step[:-1]) / 100.0 * hosts)
+        else:
+            size = int(step)
+        size = max(size, 1)
+        sizes.append(min(size, left))
+        left -= size
+        index += 1
+    return sizes
+
+
+def node_host(node: str) -> str:
+    """web-worker@web1 -> web1 (the short host name of a node)."""
+    return node.split("@", 1)[1].split(".", 1)[0]
+
+
+# --- Ledger ---------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """The Redis list the ledger tasks append to, one JSON record per execution."""
+
+    def __init__(self, result_url: str, key: str | None = None):
+        self.key = key or f"celery-fleet:ledger:{uuid.uuid4().hex[:12]}"
+        self.client = redis.Redis.from_url(result_url)
+
+    def records(self) -> list[dict]:
+        return [json.loads(raw) for raw in self.client.lrange(self.key, 0, -1)]
+
+    def tokens(self) -> Counter:
+        return Counter(record["token"] for record in self.records())
+
+    def delete(self):
+        self.client.delete(self.key)
+
+
+# --- Producer -------------------------------------------------------------------------------------
+
+
+class Producer(threading.Thread):
+    """Sends ledger tasks of uniformly random duration to each queue until stop() is called.
+
+    rates:   {queue: tasks per second}, sent at random (exponential) intervals; or
+    backlog: {queue: messages}: keeps each queue's Redis list at least this long (saturation).
+    """
+
+    def __init__(self, broker_url: str, ledger: Ledger, rates: dict | None = None, backlog: dict | None = None,
+                 durations=(0.0, 5.0), seed: int = 4):
+        super().__init__(name="fleetload-producer", daemon=True)
+        if bool(rates) == bool(backlog):
+            raise ValueError("give either rates or backlog")
+        self.app = Celery("fleetload-producer", broker=broker_url)
+        self.broker = redis.Redis.from_url(broker_url)
+        self.ledger = ledger
+        self.rates, self.backlog = rates or {}, backlog or {}
+        self.durations = durations
+        self.random = random.Random(seed)
+        self.sent: list[dict] = []
+        self.errors: list[str] = []
+        self._halt = threading.Event()
+        self._run_id = uuid.uuid4().hex[:8]
+
+    def _send(self, queue: str):
+        seconds = round(self.random.uniform(*self.durations), 3)
+        token = f"{self._run_id}-{len(self.sent)}"
+        self.app.send_task(LEDGER_TASK, args=[seconds, token, self.ledger.key], queue=queue)
+        self.sent.append({"token": token, "queue": queue, "seconds": seconds, "sent": time.time()})
+
+    def run(self):
+        try:
+            if self.rates:
+                due = {queue: time.monotonic() + self.random.expovariate(rate) for queue, rate in self.rates.items()}
+                while not self._halt.is_set():
+                    queue = min(due, key=due.get)
+                    self._halt.wait(max(0.0, due[queue] - time.monotonic()))
+                    if self._halt.is_set():
+                        break
+                    self._send(queue)
+                    due[queue] += self.random.expovariate(self.rates[queue])
+            else:
+                while not self._halt.is_set():
+                    for queue, depth in self.backlog.items():
+                        for _ in range(max(0, depth - self.broker.llen(queue))):
+                            self._send(queue)
+                    self._halt.wait(0.1)
+        except Exception as error:  # noqa: BLE001 - reported by the caller, which fails on it
+            self.errors.append(repr(error))
+
+    def stop(self):
+        self._halt.set()
+        self.join(30)
+        self.app.close()
+
+
+# --- Monitor --------------------------------------------------------------------------------------
+
+
+class Monitor(threading.Thread):
+    """Samples which nodes are in service (answer, and consume all of their queues) and queue depths."""
+
+    def __init__(self, broker_url: str, nodes: dict, interval: float = 0.25, timeout: float = 0.5):
+        super().__init__(name="fleetload-monitor", daemon=True)
+        self.app = Celery("fleetload-monitor", broker=broker_url)
+        self.broker = redis.Redis.from_url(broker_url)
+        self.nodes = {node: set(queues) for node, queues in nodes.items()}
+        self.queues = sorted(set().union(*self.nodes.values()))
+        self.interval, self.timeout = interval, timeout
+        self.samples: list[dict] = []
+        self.errors: list[str] = []
+        self._halt = threading.Event()
+
+    def _consumed(self, destination=None, timeout=None, limit=None) -> dict:
+        inspector = self.app.control.inspect(destination=destination, timeout=timeout or self.timeout, limit=limit)
+        return {node: {queue["name"] for queue in reply} for node, reply in (inspector.active_queues() or {}).items()}
+
+    def sample(self) -> dict:
+        at = time.time()
+        consumed = self._consumed(limit=len(self.nodes))
+        previous = self.samples[-1]["in_service"] if self.samples else {}
+        # A node that was in service and did not answer this time is asked again, alone and with more
+        # patience: a slow reply must not pass for an outage.
+        late = [node for node in self.nodes if node not in consumed and previous.get(node, True)]
+        if late:
+            consumed.update(self._consumed(destination=late, timeout=max(1.5, 3 * self.timeout)))
+        in_service = {node: consumed.get(node) == queues for node, queues in self.nodes.items()}
+        depth = {queue: self.broker.llen(queue) for queue in self.queues}
+        return {"t": at, "in_service": in_service, "depth": depth}
+
+    def run(self):
+        while not self._halt.is_set():
+            started = time.monotonic()
+            try:
+                self.samples.append(self.sample())
+            except Exception as error:  # noqa: BLE001 - a broker hiccup is recorded, the monitor goes on
+                self.errors.append(repr(error))
+            self._halt.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self):
+        self._halt.set()
+        self.join(30)
+        self.app.close()
+
+
+def discover_nodes(broker_url: str, expected: int, timeout: float = 30.0) -> dict:
+    """{node: [queues]} of the online nodes, once `expected` of them answer (AssertionError otherwise)."""
+    app = Celery("fleetload-discover", broker=broker_url)
+    try:
+        deadline = time.monotonic() + timeout
+        replies = {}
+        while time.monotonic() < deadline:
+            replies = app.control.inspect(timeout=1.0, limit=expected).active_queues() or {}
+            if len(replies) >= expected and all(replies.values()):
+                return {node: sorted(q["name"] for q in queues) for node, queues in replies.items()}
+        raise AssertionError(f"expected {expected} nodes consuming, got {sorted(replies)}")
+    finally:
+        app.close()
+
+
+# --- A run under load -----------------------------------------------------------------------------
+
+
+class Load:
+    """Producer + monitor + ledger around an operation: start(), run the operation, finish()."""
+
+    def __init__(self, broker_url: str, result_url: str, nodes: dict, rates=None, backlog=None, seed: int = 4,
+                 monitor_interval: float = 0.25):
+        self.ledger = Ledger(result_url)
+        self.producer = Producer(broker_url, self.ledger, rates=rates, backlog=backlog, seed=seed)
+        self.monitor = Monitor(broker_url, nodes, interval=monitor_interval)
+        self.nodes = nodes
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str):
+        self.marks[name] = time.time()
+
+    def start(self):
+        self.mark("load_start")
+        self.monitor.start()
+        self.producer.start()
+
+    def finish(self, complete_timeout: float = 180.0, settle: float = 3.0) -> list[dict]:
+        """Stop sending, wait until every sent task has a record (or the timeout), stop monitoring."""
+        self.producer.stop()
+        self.mark("load_stop")
+        wanted = {task["token"] for task in self.producer.sent}
+        deadline = time.monotonic() + complete_timeout
+        while time.monotonic() < deadline and not wanted <= set(self.ledger.tokens()):
+            time.sleep(0.5)
+        time.sleep(settle)  # a late duplicate would land now
+        self.monitor.stop()
+        self.mark("complete")
+        records = self.ledger.records()
+        self.ledger.delete()
+        return records
+
+
+def out_of_service_windows(samples: list[dict], node: str) -> list[tuple[float, float | None]]:
+    """[(first sample out, first sample back in service or None)] of one node."""
+    windows, start = [], None
+    for sample in samples:
+        up = sample["in_service"].get(node, False)
+        if not up and start is None:
+            start = sample["t"]
+        elif up and start is not None:
+            windows.append((start, sample["t"]))
+            start = None
+    if start is not None:
+        windows.append((start, None))
+    return windows
+
+
+def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_groups: dict, marks: dict,
+            allowed_out: dict | None = None) -> dict:
+    """Counts, per-group out-of-service maxima, per-node windows and throughput of a run under load.
+
+    node_groups: {node: group}. allowed_out: {group: nodes allowed out of service at once}.
+    marks: load_start, roll_start, roll_end, load_stop (epoch seconds).
+    """
+    sent_tokens = Counter(task["token"] for task in sent)
+    ran = Counter(record["token"] for record in records)
+    lost = sorted(token for token in sent_tokens if token not in ran)
+    duplicated = {token: count for token, count in ran.items() if count > 1}
+    unknown = sorted(token for token in ran if token not in sent_tokens)
+
+    max_out, worst = defaultdict(int), {}
+    for sample in samples:
+        out = Counter(node_groups[node] for node, up in sample["in_service"].items() if not up)
+        for group in set(node_groups.values()):
+            if out[group] > max_out[group]:
+                max_out[group] = out[group]
+                worst[group] = {"t": sample["t"], "out": sorted(node for node, up in sample["in_service"].items()
+                                                               if not up and node_groups[node] == group)}
+
+    by_node = defaultdict(list)
+    for record in records:
+        by_node[record["node"]].append(record)
+    windows = {}
+    for node in node_groups:
+        windows[node] = []
+        for start, end in out_of_service_windows(samples, node):
+            finished = [r["finished"] for r in by_node[node] if start <= r["finished"] <= (end or float("inf"))]
+            drain = (max(finished) - start) if finished else 0.0
+            windows[node].append({
+                "start": start, "end": end, "seconds": None if end is None else end - start,
+                "last_task_finished": max(finished) if finished else None,
+                "drain_seconds": drain,
+                "overhead_seconds": None if end is None else (end - start) - drain,
+            })
+
+    def rate(since, until):
+        if not since or not until or until <= since:
+            return None
+        return sum(1 for r in records if since <= r["finished"] < until) / (until - since)
+
+    steady = rate(marks.get("steady_start", marks.get("load_start")), marks.get("roll_start"))
+    rolling = rate(marks.get("roll_start"), marks.get("roll_end"))
+    per_second = Counter(int(r["finished"]) for r in records)
+    return {
+        "sent": len(sent), "completed": len(ran), "executions": sum(ran.values()),
+        "lost": len(lost), "lost_tokens": lost[:20],
+        "duplicates": sum(count - 1 for count in duplicated.values()), "duplicated_tokens": sorted(duplicated)[:20],
+        "unknown": len(unknown),
+        "redelivered": sum(1 for r in records if r.get("redelivered")),
+        "sent_per_queue": dict(Counter(task["queue"] for task in sent)),
+        "ran_per_node": dict(Counter(r["node"] for r in records)),
+        "ran_per_release": dict(Counter(r.get("release") for r in records)),
+        "max_out_of_service": dict(max_out), "worst_moment": worst,
+        "allowed_out_of_service": allowed_out or {},
+        "windows": windows,
+        "samples": len(samples),
+        "throughput": {"steady_per_s": steady, "rolling_per_s": rolling,
+                       "rolling_fraction": (rolling / steady) if steady and rolling is not None else None,
+                       "per_second": sorted(per_second.items())},
+        "marks": marks,
+    }
