@@ -163,12 +163,7 @@ def main():
     else:
         broker_url, result_url = fleetload.lab_broker_urls(args.inventory, PROJECT)
     host_groups = fleetload.worker_groups(args.inventory, PROJECT)
-    expected = None
-    nodes = fleetload.discover_nodes(broker_url, expected=1)
-    # Wait for the whole fleet: every worker host has at least one node.
-    deadline = time.monotonic() + 30
-    while {fleetload.node_host(n) for n in nodes} != set(host_groups) and time.monotonic() < deadline:
-        nodes = fleetload.discover_nodes(broker_url, expected=len(nodes) + 1)
+    nodes = fleetload.discover_nodes(broker_url, hosts=host_groups)
     expected = len(nodes)
     node_groups = {node: host_groups[fleetload.node_host(node)] for node in nodes}
     serial = json.loads(args.serial)

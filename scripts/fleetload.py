@@ -230,17 +230,26 @@ class Monitor(threading.Thread):
         self.app.close()
 
 
-def discover_nodes(broker_url: str, expected: int, timeout: float = 30.0) -> dict:
-    """{node: [queues]} of the online nodes, once `expected` of them answer (AssertionError otherwise)."""
+def discover_nodes(broker_url: str, expected: int | None = None, timeout: float = 30.0, hosts=None) -> dict:
+    """{node: [queues]} of the online, consuming nodes.
+
+    expected: wait until that many answer. None: collect every reply for 2 s (no early return), until
+    each of `hosts` runs at least one node. AssertionError when the timeout passes first.
+    """
     app = Celery("fleetload-discover", broker=broker_url)
     try:
         deadline = time.monotonic() + timeout
         replies = {}
         while time.monotonic() < deadline:
-            replies = app.control.inspect(timeout=1.0, limit=expected).active_queues() or {}
-            if len(replies) >= expected and all(replies.values()):
+            if expected:
+                replies = app.control.inspect(timeout=1.0, limit=expected).active_queues() or {}
+                done = len(replies) >= expected
+            else:
+                replies = app.control.inspect(timeout=2.0).active_queues() or {}
+                done = bool(replies) and set(hosts or []) <= {node_host(node) for node in replies}
+            if done and all(replies.values()):
                 return {node: sorted(q["name"] for q in queues) for node, queues in replies.items()}
-        raise AssertionError(f"expected {expected} nodes consuming, got {sorted(replies)}")
+        raise AssertionError(f"expected {expected or hosts} consuming, got {sorted(replies)}")
     finally:
         app.close()
 
@@ -327,7 +336,12 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
     for node in node_groups:
         windows[node] = []
         for start, end in out_of_service_windows(samples, node):
-            finished = [r["finished"] for r in by_node[node] if start <= r["finished"] <= (end or float("inf"))]
+            # The drain waits for the tasks the stopping process still had: those of the worker process
+            # that ran tasks before the window. A task the restarted process ran in the window (it
+            # consumes before the monitor's next sample sees it back) is not part of the drain.
+            old = {r.get("worker_pid") for r in by_node[node] if r["started"] < start}
+            finished = [r["finished"] for r in by_node[node]
+                        if start <= r["finished"] <= (end or float("inf")) and r.get("worker_pid") in old]
             drain = (max(finished) - start) if finished else 0.0
             windows[node].append({
                 "start": start, "end": end, "seconds": None if end is None else end - start,

@@ -8,6 +8,8 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+from billiard.process import current_process
+
 from celery_fleet_app.celery import app
 
 # The release this process was started from (resolved once: `current` may move while it runs).
@@ -23,6 +25,8 @@ def _where(task) -> dict:
         "queue": delivery.get("routing_key"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
+        # The worker's main process (a prefork child's parent): tells one run of a node from the next.
+        "worker_pid": os.getpid() if current_process().name == "MainProcess" else os.getppid(),
     }
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -63,9 +64,7 @@ def fleet_state():
     return state
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_rejected_before_any_change(case):
-    extra_vars, expected_phrases = CASES[case]
+def assert_refused_before_any_change(extra_vars, expected_phrases):
     before = fleet_state()
     env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
                ANSIBLE_VAULT_PASSWORD_FILE=str(PROJECT / "inventories" / "lab" / "lab-vault-password.txt"))
@@ -86,3 +85,21 @@ def test_bad_input_is_rejected_before_any_change(case):
     recap = re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", output, re.MULTILINE)
     assert recap and all(changed == "0" for _, changed in recap), recap
     assert fleet_state() == before
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_rejected_before_any_change(case):
+    extra_vars, expected_phrases = CASES[case]
+    assert_refused_before_any_change(extra_vars, expected_phrases)
+
+
+def test_changed_sources_under_a_deployed_release_id_are_refused(tmp_path):
+    """Release ids are immutable: new code under the id the hosts already run is an error, not a no-op."""
+    source = shutil.copytree(PROJECT / "app", tmp_path / "app",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    tasks = source / "src" / "celery_fleet_app" / "tasks.py"
+    tasks.write_text(tasks.read_text() + "\n# a change shipped without a new release id\n")
+    assert_refused_before_any_change(
+        {"celery_worker_app_source": str(source)},
+        ["celery_worker_release 1.0.0 is already installed on web1, built from other sources",
+         "Release ids are immutable: give the changed application or lock a new celery_worker_release"])

@@ -6,7 +6,7 @@ Each case checks, from outside the playbooks:
   every stopped instance logged a warm shutdown;
 - at no sampled moment were more nodes of a group out of service than the batch size allows.
 
-The cases run in order on one lab: restart, upgrade to a new release, then an upgrade to a release
+The cases run in order on one lab: a refused restart (capacity guard), restart, upgrade to a new release, then an upgrade to a release
 whose application cannot be imported, which must stop at the canary and put it back.
 """
 
@@ -144,6 +144,30 @@ def assert_warm_stops_only(fleet, since, stopped_units):
         journal = host.check_output(f"journalctl --no-pager -o cat --since=@{int(since)} -u 'celery-worker@*'")
         killed = [line for line in journal.splitlines() if KILLED.search(line)]
         assert not killed, f"{name}: {killed}"
+
+
+def test_capacity_guard_refuses_to_drain_below_the_minimum(fleet):
+    before = fleet.units()
+    rc, output = run_playbook("rolling_restart.yml", "--extra-vars", "celery_worker_rolling_min_online=2")
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert ("Rolling restart failed on web1, instance web (web-worker@web1), at step 'capacity guard': "
+            "Capacity guard: 1 other node(s) of group web are online and consuming (web-worker@web2); "
+            "celery_worker_rolling_min_online needs 2. Not draining web-worker@web1.") in message, output[-4000:]
+    # Nothing was drained or restarted.
+    assert fleet.units() == before
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+
+
+def test_a_roll_that_would_leave_a_host_out_is_refused(fleet):
+    before = fleet.units()
+    rc, output = run_playbook("rolling_restart.yml", "--extra-vars", '{"celery_fleet_rolling_order": ["web", "batch"]}')
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert "celery_fleet_rolling_order must list 1 to 3 distinct inventory groups" in message, output[-4000:]
+    assert "Worker hosts in none of them: ['gpu1']" in message, output[-4000:]
+    assert "PLAY [Roll one worker group" not in output
+    assert fleet.units() == before
 
 
 def test_rolling_restart_under_load_loses_nothing(fleet):

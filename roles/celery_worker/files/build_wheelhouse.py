@@ -6,6 +6,7 @@ Runs with the controller's Python; downloads binary wheels for the hosts' platfo
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -27,14 +28,43 @@ def pinned_requirements(lock_path):
     return pins
 
 
+IGNORED = ("build", "*.egg-info", "__pycache__", "*.pyc")
+
+
+def source_digest(app_source, lock_path):
+    """sha256 of the lock and of every source file (relative path and content), build output left out.
+
+    A release id is immutable: the same id built from other sources is refused on hosts that have it.
+    """
+    digest = hashlib.sha256()
+    ignore = shutil.ignore_patterns(*IGNORED)
+    for top, dirs, files in os.walk(app_source):
+        dirs[:] = sorted(set(dirs) - ignore(top, dirs))
+        for name in sorted(set(files) - ignore(top, files)):
+            path = os.path.join(top, name)
+            digest.update(os.path.relpath(path, app_source).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    with open(lock_path, "rb") as lock:
+        digest.update(b"lock\0" + hashlib.sha256(lock.read()).digest())
+    return digest.hexdigest()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--app-source", required=True)
     parser.add_argument("--lock", required=True)
-    parser.add_argument("--python-version", required=True, help="of the hosts, e.g. 3.11")
-    parser.add_argument("--platform", action="append", required=True, help="pip --platform tag, repeatable")
-    parser.add_argument("--output", required=True, help="path of the .tar to write")
+    parser.add_argument("--digest", action="store_true", help="only print the sources' digest")
+    parser.add_argument("--python-version", help="of the hosts, e.g. 3.11")
+    parser.add_argument("--platform", action="append", help="pip --platform tag, repeatable")
+    parser.add_argument("--output", help="path of the .tar to write")
     args = parser.parse_args()
+    digest = source_digest(args.app_source, args.lock)
+    if args.digest:
+        print(digest)
+        return
+    if not (args.python_version and args.platform and args.output):
+        parser.error("--python-version, --platform and --output are required to build")
 
     with tempfile.TemporaryDirectory(prefix="celery-fleet-wheelhouse-") as work:
         wheelhouse = os.path.join(work, "wheelhouse")
@@ -42,7 +72,7 @@ def main():
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
         # Build from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
         source = shutil.copytree(args.app_source, os.path.join(work, "app-source"),
-                                 ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+                                 ignore=shutil.ignore_patterns(*IGNORED))
         subprocess.run(pip + ["wheel", "--quiet", "--no-deps", "--wheel-dir", wheelhouse, source], check=True)
         platforms = [option for tag in args.platform for option in ("--platform", tag)]
         # pip judges environment markers by the controller's interpreter, not the hosts': fetch every
@@ -52,6 +82,8 @@ def main():
                               "--python-version", args.python_version, *platforms,
                               "--dest", wheelhouse, *pinned_requirements(args.lock)], check=True)
         shutil.copy(args.lock, os.path.join(wheelhouse, "requirements.lock"))
+        with open(os.path.join(wheelhouse, "SOURCE_DIGEST"), "w", encoding="utf-8") as marker:
+            marker.write(digest + "\n")
         partial = args.output + ".partial"
         with tarfile.open(partial, "w") as archive:
             archive.add(wheelhouse, arcname="wheelhouse")

@@ -1,0 +1,45 @@
+"""The source digest that makes release ids immutable (roles/celery_worker/files/build_wheelhouse.py)."""
+
+import shutil
+from pathlib import Path
+
+import build_wheelhouse
+
+APP = Path(__file__).resolve().parents[2] / "app"
+
+
+def copy_app(tmp_path, name="app"):
+    return shutil.copytree(APP, tmp_path / name, ignore=shutil.ignore_patterns(*build_wheelhouse.IGNORED))
+
+
+def digest(source):
+    return build_wheelhouse.source_digest(str(source), str(Path(source) / "requirements.lock"))
+
+
+def test_a_copy_has_the_same_digest_wherever_it_lies(tmp_path):
+    assert digest(copy_app(tmp_path, "one")) == digest(copy_app(tmp_path, "two"))
+
+
+def test_build_output_and_bytecode_do_not_count(tmp_path):
+    source = copy_app(tmp_path)
+    before = digest(source)
+    (source / "build" / "lib").mkdir(parents=True)
+    (source / "build" / "lib" / "x.py").write_text("x = 1\n")
+    (source / "src" / "celery_fleet_app" / "__pycache__").mkdir(exist_ok=True)
+    (source / "src" / "celery_fleet_app" / "__pycache__" / "tasks.cpython-311.pyc").write_bytes(b"\0")
+    (source / "src" / "celery_fleet_app.egg-info").mkdir()
+    assert digest(source) == before
+
+
+def test_a_changed_source_file_a_new_file_or_a_changed_lock_changes_it(tmp_path):
+    source = copy_app(tmp_path)
+    seen = {digest(source)}
+    tasks = source / "src" / "celery_fleet_app" / "tasks.py"
+    tasks.write_text(tasks.read_text() + "\n# changed\n")
+    seen.add(digest(source))
+    (source / "src" / "celery_fleet_app" / "extra.py").write_text("")
+    seen.add(digest(source))
+    lock = source / "requirements.lock"
+    lock.write_text(lock.read_text().replace("celery==5.7.0", "celery==5.6.0"))
+    seen.add(digest(source))
+    assert len(seen) == 4
