@@ -201,10 +201,12 @@ def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
     # Tasks ran on both releases, and after the roll only on the new one.
     assert set(report["ran_per_release"]) == set(old_releases.values()) | {NEW_RELEASE}, report["ran_per_release"]
     assert_warm_stops_only(fleet, since, before)
-    # The new release's own processes answer: ask each node which release runs it.
+    # Every node now runs tasks in a process started from the new release.
     load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
     load.start()
-    time.sleep(6)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and {r["node"] for r in load.ledger.records()} != set(fleet.nodes):
+        time.sleep(1)
     records = load.finish()
     assert records and {record["release"] for record in records} == {NEW_RELEASE}
     assert {record["node"] for record in records} == set(fleet.nodes)
