@@ -6,8 +6,9 @@ Each case checks, from outside the playbooks:
   every stopped instance logged a warm shutdown;
 - at no sampled moment were more nodes of a group out of service than the batch size allows.
 
-The cases run in order on one lab: a refused restart (capacity guard), restart, upgrade to a new release, then an upgrade to a release
-whose application cannot be imported, which must stop at the canary and put it back.
+The cases run in order on one lab: a restart refused by the capacity guard, a dry run (--check), a
+roll refused for a group order that leaves a host out, a restart, an upgrade to a new release, then an upgrade to a release whose application
+cannot be imported, which must stop at the canary and put it back.
 """
 
 import json
@@ -155,6 +156,15 @@ def test_capacity_guard_refuses_to_drain_below_the_minimum(fleet):
             "Capacity guard: 1 other node(s) of group web are online and consuming (web-worker@web2); "
             "celery_worker_rolling_min_online needs 2. Not draining web-worker@web1.") in message, output[-4000:]
     # Nothing was drained or restarted.
+    assert fleet.units() == before
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+
+
+def test_a_dry_run_changes_nothing(fleet):
+    before = fleet.units()
+    rc, output = run_playbook("rolling_restart.yml", "--check")
+    assert rc == 0, output[-4000:]
+    assert "PLAY [Roll one worker group, a canary batch first]" in output
     assert fleet.units() == before
     assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
 
