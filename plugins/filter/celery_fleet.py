@@ -114,6 +114,22 @@ def node_names(node_name_templates, hostname):
     return expanded
 
 
+def in_service(nodes, active_queues, expected):
+    """The nodes that answered active_queues and consume all the queues `expected` says they should.
+
+    active_queues: {node: [{"name": queue, ...}, ...]} as Celery's inspect returns it;
+    expected: {node: [queue, ...]}. A node not in `expected` is never in service.
+    """
+    serving = []
+    for node in nodes:
+        if node not in expected or node not in (active_queues or {}):
+            continue
+        consumed = {queue.get("name") for queue in active_queues[node] or []}
+        if set(expected[node]) <= consumed:
+            serving.append(node)
+    return serving
+
+
 def setting_origins(defaults, profile_name, profile, group_settings, host_settings):
     """For each worker setting, the variable that set it last (the layers combine in this order)."""
     origins = {}
@@ -147,4 +163,5 @@ class FilterModule:
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
             "celery_fleet_setting_origins": setting_origins,
+            "celery_fleet_in_service": in_service,
         }

@@ -11,7 +11,9 @@ description:
     celery is importable (on a worker host: set ansible_python_interpreter to the release's venv)."
   - "C(pending) counts each node's reserved and active tasks, reserved first: once a node has stopped
     consuming, a task only moves from reserved to active, so zero and zero means the node is idle."
-  - C(ping), C(inspect) and C(pending) never change anything. C(cancel_consumer) and C(add_consumer) make the
+  - C(ping), C(inspect) and C(pending) never change anything.
+  - The consumer actions fail when a node named in I(destination) does not answer, or does not confirm
+    the change, within I(timeout). C(cancel_consumer) and C(add_consumer) make the
     destination nodes stop or start consuming a queue; they report changed only when a node's
     consumers actually changed.
 options:
@@ -113,6 +115,11 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     # Know who consumes what first, so changed is true only when a consumer really moves.
     before = control.inspect(destination=destination, timeout=timeout).active_queues() or {}
     consuming = {node: {q["name"] for q in queues} for node, queues in before.items()}
+    # A named node that does not answer is an error, never "nothing to change": a drain that silently
+    # cancelled nothing would stop a node that is still consuming.
+    silent = sorted(set(destination or []) - set(consuming))
+    if silent:
+        raise RuntimeError(f"no answer from {', '.join(silent)} within {timeout} s")
     if action == "cancel_consumer":
         targets = sorted(node for node, names in consuming.items() if queue in names)
     else:
@@ -120,10 +127,13 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     if not targets or check_mode:
         return bool(targets), {node: {"ok": "would change" if check_mode else "no change"} for node in consuming}
     if action == "cancel_consumer":
-        replies = control.cancel_consumer(queue, destination=targets, reply=True, timeout=timeout)
+        replies = _merge(control.cancel_consumer(queue, destination=targets, reply=True, timeout=timeout))
     else:
-        replies = control.add_consumer(queue, destination=targets, reply=True, timeout=timeout)
-    return True, _merge(replies)
+        replies = _merge(control.add_consumer(queue, destination=targets, reply=True, timeout=timeout))
+    unconfirmed = sorted(set(targets) - set(replies))
+    if unconfirmed:
+        raise RuntimeError(f"{action} {queue}: no confirmation from {', '.join(unconfirmed)} within {timeout} s")
+    return True, replies
 
 
 def main():

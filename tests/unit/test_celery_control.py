@@ -156,3 +156,10 @@ def test_documentation_parses_and_matches_the_argument_spec():
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
+
+
+def test_consumer_actions_fail_when_a_named_node_does_not_answer(worker):
+    with pytest.raises(RuntimeError, match="no answer from nobody@nowhere"):
+        celery_control.run(worker, "cancel_consumer", queue="default", destination=[NODE, "nobody@nowhere"],
+                           timeout=0.5)
+    assert queues_of(worker) == {"default", "priority"}

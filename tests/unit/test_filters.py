@@ -113,3 +113,19 @@ def test_setting_origins_name_the_last_layer():
                                  {}, {"pool": "bogus"})
     assert origins == {"pool": "celery_worker_host_settings.pool",
                        "concurrency": "celery_worker_profiles.web.concurrency"}
+
+
+def test_in_service_needs_an_answer_and_every_expected_queue():
+    from celery_fleet import in_service
+
+    replies = {
+        "web-worker@web1": [{"name": "default"}, {"name": "priority"}],
+        "web-worker@web2": [{"name": "default"}],  # half drained
+        "web-worker@web3": [],  # drained
+        "stranger@x": [{"name": "default"}],
+    }
+    expected = {f"web-worker@web{n}": ["default", "priority"] for n in range(1, 5)}
+    nodes = ["web-worker@web1", "web-worker@web2", "web-worker@web3", "web-worker@web4", "stranger@x"]
+    assert in_service(nodes, replies, expected) == ["web-worker@web1"]
+    assert in_service(nodes, {}, expected) == []
+    assert in_service(nodes, None, expected) == []

@@ -37,6 +37,7 @@ WARMUP = 8  # seconds of load before the roll starts
 COOLDOWN = 5  # seconds of load after it ends
 NEW_RELEASE = "1.1.0"
 BROKEN_RELEASE = "1.2.0-broken"
+GPU1_BROKEN_RELEASE = "1.3.0-broken-on-gpu-1"
 # Lines that mean a task or a worker was killed, or a stop did not end warmly.
 KILLED = re.compile(r"WorkerLostError|SIGKILL|status=9/KILL|code=killed|Cold shutdown|[Tt]imed out|"
                     r"Killing process|Failed with result '(timeout|signal|oom-kill)'")
@@ -88,7 +89,7 @@ def run_playbook(playbook, *extra_args):
 
 
 def roll_under_load(fleet, playbook, *extra_args):
-    """Run a playbook while the producer sends tasks; return (rc, output, report)."""
+    """Run a playbook while the producer sends tasks; return (rc, output, report) (report["records"]: the ledger)."""
     load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
     load.start()
     time.sleep(WARMUP)
@@ -106,6 +107,7 @@ def roll_under_load(fleet, playbook, *extra_args):
                                             "max_out_of_service", "allowed_out_of_service", "samples")}
     summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
     print(f"{playbook} {' '.join(extra_args)}: {json.dumps(summary, sort_keys=True)}")
+    report["records"] = records
     return rc, output, report
 
 
@@ -147,14 +149,33 @@ def assert_warm_stops_only(fleet, since, stopped_units):
         assert not killed, f"{name}: {killed}"
 
 
+def assert_drained_before_stop(fleet, since, stopped_units, records):
+    """The drain really drained: every task the old process ran had finished before it got SIGTERM.
+
+    Without a drain, a warm shutdown would still let running tasks finish, after the signal. Tasks
+    carry the PID of the worker's main process, which is the unit's MainPID.
+    """
+    for name, units in stopped_units.items():
+        host = lab_host(name)
+        for unit, pid in units.items():
+            journal = host.check_output(f"journalctl --no-pager -o short-unix --since=@{int(since)} -u {unit}")
+            warm = [float(line.split()[0]) for line in journal.splitlines() if "Warm shutdown (MainProcess)" in line]
+            assert warm, f"{name} {unit}: no warm shutdown"
+            ran = [r["finished"] for r in records if r["host"] == name and str(r["worker_pid"]) == pid]
+            assert ran, f"{name} {unit} (PID {pid}) ran no task of the load before it was stopped"
+            assert max(ran) <= warm[0], (
+                f"{name} {unit}: a task finished {max(ran) - warm[0]:.2f} s after SIGTERM: the node was not drained")
+
+
 def test_capacity_guard_refuses_to_drain_below_the_minimum(fleet):
     before = fleet.units()
     rc, output = run_playbook("rolling_restart.yml", "--extra-vars", "celery_worker_rolling_min_online=2")
     assert rc != 0, output[-4000:]
     message = " ".join(output.split())
     assert ("Rolling restart failed on web1, instance web (web-worker@web1), at step 'capacity guard': "
-            "Capacity guard: 1 other node(s) of group web are online and consuming (web-worker@web2); "
-            "celery_worker_rolling_min_online needs 2. Not draining web-worker@web1.") in message, output[-4000:]
+            "Capacity guard: 1 other node(s) of group web are in service (web-worker@web2); "
+            "celery_worker_rolling_min_online needs 2. Not draining web-worker@web1. "
+            "Nothing was drained or stopped.") in message, output[-4000:]
     # Nothing was drained or restarted.
     assert fleet.units() == before
     assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
@@ -194,6 +215,7 @@ def test_rolling_restart_under_load_loses_nothing(fleet):
         for unit, pid in units.items():
             assert after[name][unit] != pid, f"{name} {unit} was not restarted"
     assert_warm_stops_only(fleet, since, before)
+    assert_drained_before_stop(fleet, since, before, report["records"])
     assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
 
 
@@ -211,25 +233,37 @@ def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
     # Tasks ran on both releases, and after the roll only on the new one.
     assert set(report["ran_per_release"]) == set(old_releases.values()) | {NEW_RELEASE}, report["ran_per_release"]
     assert_warm_stops_only(fleet, since, before)
+    assert_drained_before_stop(fleet, since, before, report["records"])
     # Every node now runs tasks in a process started from the new release.
+    assert releases_running(fleet) == {node: {NEW_RELEASE} for node in fleet.nodes}
+
+
+def releases_running(fleet, timeout=60):
+    """{node: releases its tasks ran on}, under load until every node has run at least one task."""
     load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
     load.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and {r["node"] for r in load.ledger.records()} != set(fleet.nodes):
         time.sleep(1)
-    records = load.finish()
-    assert records and {record["release"] for record in records} == {NEW_RELEASE}
-    assert {record["node"] for record in records} == set(fleet.nodes)
+    seen = {}
+    for record in load.finish():
+        seen.setdefault(record["node"], set()).add(record["release"])
+    return seen
+
+
+def broken_copy(tmp_path, condition="True"):
+    """A copy of the application whose package raises on import when `condition` holds."""
+    source = shutil.copytree(PROJECT / "app", tmp_path / "app",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    init = source / "src" / "celery_fleet_app" / "__init__.py"
+    init.write_text(f"import os\nif {condition}:\n"
+                    f"    raise ImportError('celery-fleet test: this release cannot be imported')\n" + init.read_text())
+    return source
 
 
 @pytest.fixture
 def broken_app(tmp_path):
-    """A copy of the application whose package raises on import."""
-    source = shutil.copytree(PROJECT / "app", tmp_path / "app",
-                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    init = source / "src" / "celery_fleet_app" / "__init__.py"
-    init.write_text('raise ImportError("celery-fleet test: this release cannot be imported")\n' + init.read_text())
-    return source
+    return broken_copy(tmp_path)
 
 
 def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_back(fleet, broken_app):
@@ -257,3 +291,36 @@ def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_b
     assert set(report["ran_per_release"]) == set(releases.values()), report["ran_per_release"]
     # The canary's old process stopped warmly; the broken one never ran a task.
     assert_warm_stops_only(fleet, since, {"web1": ["celery-worker@web.service"]})
+    assert_drained_before_stop(fleet, since, {"web1": {"celery-worker@web.service": before["web1"][
+        "celery-worker@web.service"]}}, report["records"])
+
+
+def test_a_failed_upgrade_takes_back_the_instances_of_the_host_already_upgraded(fleet, tmp_path):
+    """gpu1 runs two instances. The new release imports on GPU 0 and not on GPU 1: the first instance
+    upgrades, the second fails, and both must end on the old release (a host never runs two)."""
+    source = broken_copy(tmp_path, "os.environ.get('CUDA_VISIBLE_DEVICES') == '1'")
+    releases = fleet.releases()
+    before = fleet.units()
+    since = time.time()
+    rc, output, report = roll_under_load(
+        fleet, "upgrade.yml", "--extra-vars",
+        json.dumps({"celery_worker_release": GPU1_BROKEN_RELEASE, "celery_worker_app_source": str(source),
+                    "celery_worker_rolling_start_timeout": 30, "celery_fleet_rolling_order": ["gpu", "web", "batch"]}))
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert ("Rolling upgrade failed on gpu1, instance gpu-2 (gpu-worker-2@gpu1), at step 'health check'" in message
+            and "and so were the instances of the host already upgraded: gpu-1" in message), output[-4000:]
+    assert fleet.releases() == releases
+    after = fleet.units()
+    assert all(after["gpu1"][unit] != pid for unit, pid in before["gpu1"].items()), (before["gpu1"], after["gpu1"])
+    assert {name: units for name, units in after.items() if name != "gpu1"} == {
+        name: units for name, units in before.items() if name != "gpu1"}, "a host other than gpu1 changed"
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert_every_task_ran_exactly_once(report)
+    assert_capacity_kept(report)
+    # gpu-worker-1 ran tasks on the new release for a while; now both GPU nodes run the old one.
+    assert GPU1_BROKEN_RELEASE in report["ran_per_release"], report["ran_per_release"]
+    running = releases_running(fleet)
+    assert running == {node: set(releases.values()) for node in fleet.nodes}, running
+    assert_warm_stops_only(fleet, since, {"gpu1": list(before["gpu1"])})
+    assert_drained_before_stop(fleet, since, {"gpu1": before["gpu1"]}, report["records"])
