@@ -87,6 +87,7 @@ def summarise(report: dict, node_groups: dict) -> dict:
     return {
         "roll_seconds": round(marks["roll_end"] - marks["roll_start"], 2),
         "sent": report["sent"], "lost": report["lost"], "duplicates": report["duplicates"],
+        "started_again": report["started_again"],
         "max_out_of_service": report["max_out_of_service"],
         "allowed_out_of_service": report["allowed_out_of_service"],
         "steady_tasks_per_s": round(throughput["steady_per_s"] or 0, 3),
@@ -191,7 +192,8 @@ def main():
     load.mark("roll_end")
     time.sleep(args.tail)
     records = load.finish()
-    report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed)
+    report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed,
+                               load.starts)
     summary = summarise(report, node_groups)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -215,7 +217,7 @@ def main():
     if run.returncode != 0:
         print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
         return 1
-    return 0 if summary["lost"] == 0 and summary["duplicates"] == 0 else 2
+    return 0 if summary["lost"] == summary["duplicates"] == summary["started_again"] == 0 else 2
 
 
 if __name__ == "__main__":

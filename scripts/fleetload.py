@@ -119,8 +119,12 @@ class Ledger:
     def tokens(self) -> Counter:
         return Counter(record["token"] for record in self.records())
 
+    def starts(self) -> Counter:
+        """How many times each task started (its body began to run)."""
+        return Counter(raw.decode() for raw in self.client.lrange(f"{self.key}:started", 0, -1))
+
     def delete(self):
-        self.client.delete(self.key)
+        self.client.delete(self.key, f"{self.key}:started")
 
 
 # --- Producer -------------------------------------------------------------------------------------
@@ -267,6 +271,7 @@ class Load:
         self.monitor = Monitor(broker_url, nodes, interval=monitor_interval)
         self.nodes = nodes
         self.marks: dict[str, float] = {}
+        self.starts: Counter = Counter()
 
     def mark(self, name: str):
         self.marks[name] = time.time()
@@ -288,6 +293,7 @@ class Load:
         self.monitor.stop()
         self.mark("complete")
         records = self.ledger.records()
+        self.starts = self.ledger.starts()
         self.ledger.delete()
         return records
 
@@ -308,8 +314,11 @@ def out_of_service_windows(samples: list[dict], node: str) -> list[tuple[float, 
 
 
 def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_groups: dict, marks: dict,
-            allowed_out: dict | None = None) -> dict:
+            allowed_out: dict | None = None, starts: Counter | None = None) -> dict:
     """Counts, per-group out-of-service maxima, per-node windows and throughput of a run under load.
+
+    starts: {token: times its body started} (Ledger.starts()); a task started twice ran twice, even if
+    the first run was killed before it could record its end.
 
     node_groups: {node: group}. allowed_out: {group: nodes allowed out of service at once}.
     marks: load_start, roll_start, roll_end, load_stop (epoch seconds).
@@ -319,6 +328,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
     lost = sorted(token for token in sent_tokens if token not in ran)
     duplicated = {token: count for token, count in ran.items() if count > 1}
     unknown = sorted(token for token in ran if token not in sent_tokens)
+    started_again = {token: count for token, count in (starts or {}).items() if count > 1}
 
     max_out, worst = defaultdict(int), {}
     for sample in samples:
@@ -351,7 +361,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
             })
 
     def rate(since, until):
-        if not since or not until or until <= since:
+        if since is None or until is None or until <= since:
             return None
         return sum(1 for r in records if since <= r["finished"] < until) / (until - since)
 
@@ -363,6 +373,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
         "lost": len(lost), "lost_tokens": lost[:20],
         "duplicates": sum(count - 1 for count in duplicated.values()), "duplicated_tokens": sorted(duplicated)[:20],
         "unknown": len(unknown),
+        "started_again": len(started_again), "started_again_tokens": sorted(started_again)[:20],
         "redelivered": sum(1 for r in records if r.get("redelivered")),
         "sent_per_queue": dict(Counter(task["queue"] for task in sent)),
         "ran_per_node": dict(Counter(r["node"] for r in records)),

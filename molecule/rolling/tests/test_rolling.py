@@ -101,8 +101,9 @@ def roll_under_load(fleet, playbook, *extra_args):
     assert not load.producer.errors, load.producer.errors
     assert not load.monitor.errors, load.monitor.errors
     report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, fleet.node_groups, load.marks,
-                               fleet.allowed_out)
-    summary = {key: report[key] for key in ("sent", "completed", "lost", "duplicates", "redelivered", "unknown",
+                               fleet.allowed_out, load.starts)
+    summary = {key: report[key] for key in ("sent", "completed", "lost", "duplicates", "started_again",
+                                            "redelivered", "unknown",
                                             "sent_per_queue", "ran_per_node", "ran_per_release",
                                             "max_out_of_service", "allowed_out_of_service", "samples")}
     summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
@@ -114,9 +115,10 @@ def roll_under_load(fleet, playbook, *extra_args):
 def assert_every_task_ran_exactly_once(report):
     assert report["sent"] >= 100, f"the producer sent only {report['sent']} tasks"
     assert set(report["sent_per_queue"]) == set(RATES), report["sent_per_queue"]
-    assert (report["lost"], report["duplicates"], report["unknown"]) == (0, 0, 0), (
+    assert (report["lost"], report["duplicates"], report["started_again"], report["unknown"]) == (0, 0, 0, 0), (
         f"{report['lost']} task(s) lost {report['lost_tokens']}, {report['duplicates']} run twice "
-        f"{report['duplicated_tokens']}, {report['unknown']} unknown, of {report['sent']} sent")
+        f"{report['duplicated_tokens']}, {report['started_again']} started again {report['started_again_tokens']}, "
+        f"{report['unknown']} unknown, of {report['sent']} sent")
 
 
 def assert_capacity_kept(report):

@@ -1,0 +1,71 @@
+"""The oracle of the rolling tests and benchmarks (scripts/fleetload.py): counting, windows, batches."""
+
+from collections import Counter
+
+import fleetload
+
+NODES = {"web-worker@web1": "web", "web-worker@web2": "web", "batch-worker@batch1": "batch"}
+
+
+def sample(t, *out):
+    return {"t": t, "in_service": {node: node not in out for node in NODES}, "depth": {}}
+
+
+def record(token, node, started, finished, worker_pid=100):
+    return {"token": token, "node": node, "started": started, "finished": finished, "worker_pid": worker_pid,
+            "release": "1.0.0"}
+
+
+def sent(*tokens):
+    return [{"token": token, "queue": "default", "seconds": 1, "sent": 0.0} for token in tokens]
+
+
+def test_batch_sizes_follow_ansible_serial():
+    assert fleetload.ansible_batch_sizes([1, "25%"], 2) == [1, 1]
+    assert fleetload.ansible_batch_sizes([1, "25%"], 9) == [1, 2, 2, 2, 2]
+    assert fleetload.ansible_batch_sizes([1, "25%"], 1) == [1]
+    assert fleetload.ansible_batch_sizes(3, 7) == [3, 3, 1]
+    assert fleetload.ansible_batch_sizes("50%", 3) == [1, 1, 1]
+
+
+def test_node_host_is_the_short_host_name():
+    assert fleetload.node_host("gpu-worker-2@gpu1.lab.example") == "gpu1"
+
+
+def test_lost_duplicated_restarted_and_unknown_tasks_are_counted():
+    records = [record("a", "web-worker@web1", 1, 2), record("b", "web-worker@web1", 1, 2),
+               record("b", "web-worker@web2", 3, 4), record("x", "web-worker@web2", 3, 4)]
+    report = fleetload.analyse(sent("a", "b", "c"), records, [], NODES, {}, starts=Counter(a=2, b=2, c=0))
+    assert (report["lost"], report["lost_tokens"]) == (1, ["c"])
+    assert (report["duplicates"], report["duplicated_tokens"]) == (1, ["b"])
+    assert (report["started_again"], report["started_again_tokens"]) == (2, ["a", "b"])
+    assert report["unknown"] == 1
+
+
+def test_windows_max_out_and_drain_of_the_old_process_only():
+    samples = [sample(0), sample(10, "web-worker@web1"), sample(11, "web-worker@web1", "web-worker@web2"),
+               sample(12, "web-worker@web1"), sample(20), sample(30, "batch-worker@batch1")]
+    records = [
+        record("old", "web-worker@web1", 5, 15, worker_pid=100),  # running when the drain began
+        record("new", "web-worker@web1", 19, 19.5, worker_pid=200),  # the restarted process, before the sample
+    ]
+    report = fleetload.analyse(sent("old", "new"), records, samples, NODES, {}, {"web": 1, "batch": 1})
+    assert report["max_out_of_service"] == {"web": 2, "batch": 1}
+    assert report["worst_moment"]["web"] == {"t": 11, "out": ["web-worker@web1", "web-worker@web2"]}
+    (window,) = report["windows"]["web-worker@web1"]
+    assert (window["start"], window["end"], window["seconds"]) == (10, 20, 10)
+    assert window["drain_seconds"] == 5 and window["overhead_seconds"] == 5
+    assert report["windows"]["web-worker@web2"] == [
+        {"start": 11, "end": 12, "seconds": 1, "last_task_finished": None, "drain_seconds": 0.0,
+         "overhead_seconds": 1}]
+    # Still out at the end: an open window.
+    assert report["windows"]["batch-worker@batch1"][0]["end"] is None
+
+
+def test_throughput_compares_the_roll_with_steady_state():
+    records = [record(str(i), "web-worker@web1", i, i + 0.5) for i in range(20)]
+    report = fleetload.analyse(sent(*map(str, range(20))), records, [], NODES,
+                               {"load_start": 0, "roll_start": 10, "roll_end": 20})
+    assert report["throughput"]["steady_per_s"] == 1.0
+    assert report["throughput"]["rolling_per_s"] == 1.0
+    assert report["throughput"]["rolling_fraction"] == 1.0
