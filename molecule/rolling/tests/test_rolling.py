@@ -7,8 +7,9 @@ Each case checks, from outside the playbooks:
 - at no sampled moment were more nodes of a group out of service than the batch size allows.
 
 The cases run in order on one lab: a restart refused by the capacity guard, a dry run (--check), a
-roll refused for a group order that leaves a host out, a restart, an upgrade to a new release, then an upgrade to a release whose application
-cannot be imported, which must stop at the canary and put it back.
+roll refused for a group order that leaves a host out, a restart, an upgrade to a new release, an
+upgrade to a release whose application cannot be imported (it must stop at the canary and put it
+back), one that fails on a host's second instance, and a roll whose drain times out.
 """
 
 import json
@@ -112,8 +113,8 @@ def roll_under_load(fleet, playbook, *extra_args):
     return rc, output, report
 
 
-def assert_every_task_ran_exactly_once(report):
-    assert report["sent"] >= 100, f"the producer sent only {report['sent']} tasks"
+def assert_every_task_ran_exactly_once(report, minimum=100):
+    assert report["sent"] >= minimum, f"the producer sent only {report['sent']} tasks"
     assert set(report["sent_per_queue"]) == set(RATES), report["sent_per_queue"]
     assert (report["lost"], report["duplicates"], report["started_again"], report["unknown"]) == (0, 0, 0, 0), (
         f"{report['lost']} task(s) lost {report['lost_tokens']}, {report['duplicates']} run twice "
@@ -326,3 +327,23 @@ def test_a_failed_upgrade_takes_back_the_instances_of_the_host_already_upgraded(
     assert running == {node: set(releases.values()) for node in fleet.nodes}, running
     assert_warm_stops_only(fleet, since, {"gpu1": list(before["gpu1"])})
     assert_drained_before_stop(fleet, since, {"gpu1": before["gpu1"]}, report["records"])
+
+
+def test_a_drain_that_times_out_leaves_the_node_running_and_consuming(fleet):
+    """The drain deadline is prefetch_multiplier x time_limit + margin. Computed here from a 2 s limit
+    (the running workers keep theirs), it passes while web1 still runs tasks of up to 5 s: the roll must
+    stop at step 'drain', give web1 its queues back without ever stopping it, and lose nothing."""
+    before = fleet.units()
+    rc, output, report = roll_under_load(
+        fleet, "rolling_restart.yml", "--extra-vars",
+        json.dumps({"celery_worker_group_settings": {"time_limit": 2, "soft_time_limit": 1, "prefetch_multiplier": 1},
+                    "celery_worker_rolling_drain_margin": 0}))
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert ("Rolling restart failed on web1, instance web (web-worker@web1), at step 'drain': "
+            "web-worker@web1 still had") in message and "after the drain timeout of 2 s" in message, output[-4000:]
+    assert "put back on its previous release and is consuming again" in message
+    assert fleet.units() == before, "a worker was stopped"
+    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert_every_task_ran_exactly_once(report, minimum=50)  # a short run: about 30 s of load
+    assert_capacity_kept(report)
