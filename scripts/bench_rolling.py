@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -146,7 +144,8 @@ def plot(path: Path, report: dict, samples: list[dict], node_groups: dict, title
     ax_windows.set_yticks(range(len(names)), names, fontsize=8)
     ax_windows.set_xlabel("seconds since the roll started (roll ends at the dotted line)")
     ax_windows.set_ylabel("out of service")
-    ax_windows.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#fdae6b"), plt.Rectangle((0, 0), 1, 1, color="#e6550d")],
+    ax_windows.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="#fdae6b"),
+                               plt.Rectangle((0, 0), 1, 1, color="#e6550d")],
                       labels=["finishing its tasks (drain)", "stop, start, health check"], loc="lower right",
                       fontsize=7)
     for ax in (ax_rate, ax_nodes, ax_windows):
@@ -183,12 +182,8 @@ def main():
     load.mark("steady_start")
     time.sleep(args.steady - min(10.0, args.steady / 3))
     load.mark("roll_start")
-    command = ["ansible-playbook", "-i", args.inventory, str(PROJECT / "playbooks" / args.playbook)]
-    for extra in args.extra_vars:
-        command += ["--extra-vars", extra]
-    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"))
-    env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(PROJECT / "inventories" / "lab" / "lab-vault-password.txt"))
-    run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT)
+    extra = [arg for value in args.extra_vars for arg in ("--extra-vars", value)]
+    rc, output = fleetload.run_playbook(args.playbook, *extra, inventory=args.inventory, project=PROJECT)
     load.mark("roll_end")
     time.sleep(args.tail)
     records = load.finish()
@@ -203,7 +198,7 @@ def main():
     record = {
         "benchmark": "rolling", "playbook": args.playbook, "extra_vars": args.extra_vars, "mode": args.mode,
         "load": load_kwargs, "slots_per_queue": slots, "serial": serial, "inventory": args.inventory,
-        "playbook_rc": run.returncode, "summary": summary,
+        "playbook_rc": rc, "summary": summary,
         "producer_errors": load.producer.errors, "monitor_errors": load.monitor.errors,
         "report": report,
         "samples": [{"t": s["t"], "in_service": s["in_service"], "depth": s["depth"]} for s in load.monitor.samples],
@@ -214,8 +209,8 @@ def main():
          f"{summary['rolling_over_steady']:.0%} of steady state")
     print(json.dumps(summary, indent=1, sort_keys=True))
     print(f"wrote {out / name}.json and .png")
-    if run.returncode != 0:
-        print(run.stdout[-3000:] + run.stderr[-2000:], file=sys.stderr)
+    if rc != 0:
+        print(output[-5000:], file=sys.stderr)
         return 1
     return 0 if summary["lost"] == summary["duplicates"] == summary["started_again"] == 0 else 2
 

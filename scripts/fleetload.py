@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
@@ -35,9 +36,10 @@ LEDGER_TASK = "celery_fleet_app.tasks.ledger_task"
 # --- The lab ------------------------------------------------------------------------------------
 
 
-def _ansible_env(project: Path) -> dict:
-    env = dict(os.environ)
-    env.setdefault("ANSIBLE_CONFIG", str(project / "ansible.cfg"))
+def ansible_env(project: Path = PROJECT) -> dict:
+    """Environment for ansible commands: the project's config, no colour, and the lab's vault password
+    unless another one is set."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(project / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
     # LAB ONLY: the lab's vault password is public.
     env.setdefault("ANSIBLE_VAULT_PASSWORD_FILE", str(project / "inventories" / "lab" / "lab-vault-password.txt"))
     return env
@@ -46,8 +48,17 @@ def _ansible_env(project: Path) -> dict:
 def inventory_list(inventory: str | Path, project: Path = PROJECT) -> dict:
     """`ansible-inventory --list` of an inventory, vault decrypted."""
     result = subprocess.run(["ansible-inventory", "-i", str(inventory), "--list"], capture_output=True, text=True,
-                            check=True, env=_ansible_env(project))
+                            check=True, env=ansible_env(project))
     return json.loads(result.stdout)
+
+
+def run_playbook(playbook: str, *extra_args: str, inventory: str | Path, project: Path = PROJECT,
+                 timeout: float | None = None) -> tuple[int, str]:
+    """Run playbooks/<playbook>; return its exit status and its output (stdout then stderr, no colour codes)."""
+    run = subprocess.run(["ansible-playbook", "-i", str(inventory), str(project / "playbooks" / playbook),
+                          *extra_args], capture_output=True, text=True, env=ansible_env(project), cwd=project,
+                         timeout=timeout)
+    return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
 
 
 def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT):

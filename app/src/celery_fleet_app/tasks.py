@@ -61,8 +61,9 @@ def ledger_task(self, seconds, token, ledger):
     """Sleep, then append one record of this execution to the Redis list `ledger`.
 
     The load tests and benchmarks count these records: a token with no record is a lost task, a token
-    with two is a task that ran twice, and a token started twice was run again after an interruption. The record is written before the late acknowledgement, so a
-    worker killed in between shows up as a duplicate, as it should.
+    with two is a task that ran twice, and a token started twice was run again after an interruption.
+    The record is written before the late acknowledgement, so a worker killed in between shows up as a
+    duplicate, as it should.
     """
     started = time.time()
     # Every start is recorded too: a run killed half-way and delivered again shows as two starts.

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -82,11 +81,7 @@ def fleet():
 
 
 def run_playbook(playbook, *extra_args):
-    env = dict(os.environ, ANSIBLE_CONFIG=str(PROJECT / "ansible.cfg"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
-               ANSIBLE_VAULT_PASSWORD_FILE=str(PROJECT / "inventories" / "lab" / "lab-vault-password.txt"))
-    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / playbook), *extra_args],
-                         capture_output=True, text=True, env=env, cwd=PROJECT, timeout=1200)
-    return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
+    return fleetload.run_playbook(playbook, *extra_args, inventory=INVENTORY, project=PROJECT, timeout=1200)
 
 
 def roll_under_load(fleet, playbook, *extra_args):
@@ -264,33 +259,38 @@ def broken_copy(tmp_path, condition="True"):
     return source
 
 
-@pytest.fixture
-def broken_app(tmp_path):
-    return broken_copy(tmp_path)
-
-
-def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_back(fleet, broken_app):
+def failed_upgrade_under_load(fleet, failing_host, release, source, **extra_vars):
+    """Upgrade to a release that fails on `failing_host`, under load. Checks what every failed upgrade
+    must leave: the run failed, no host's release changed, no host but `failing_host` was touched,
+    every node consumes again, no task was lost or run twice, capacity was kept.
+    Returns (message on one line, full output, report, units before, start time, releases before)."""
     releases = fleet.releases()
     before = fleet.units()
     since = time.time()
     rc, output, report = roll_under_load(
         fleet, "upgrade.yml", "--extra-vars",
-        json.dumps({"celery_worker_release": BROKEN_RELEASE, "celery_worker_app_source": str(broken_app),
-                    "celery_worker_rolling_start_timeout": 30}))
+        json.dumps({"celery_worker_release": release, "celery_worker_app_source": str(source),
+                    "celery_worker_rolling_start_timeout": 30, **extra_vars}))
     assert rc != 0, output[-4000:]
-    message = " ".join(output.split())
-    assert "Rolling upgrade failed on web1, instance web (web-worker@web1), at step 'health check'" in message, (
-        output[-4000:])
-    assert "put back on its previous release and is consuming again" in message
-    # The new release was staged everywhere, but only the canary was touched and it is back as it was.
+    # The new release was staged everywhere, but only the failing host was touched and it is back as it was.
     assert fleet.releases() == releases
     after = fleet.units()
-    assert after["web1"]["celery-worker@web.service"] != before["web1"]["celery-worker@web.service"]
-    assert {name: units for name, units in after.items() if name != "web1"} == {
-        name: units for name, units in before.items() if name != "web1"}, "a host other than the canary changed"
+    assert {name: units for name, units in after.items() if name != failing_host} == {
+        name: units for name, units in before.items() if name != failing_host}, (
+        f"a host other than {failing_host} changed")
     assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
     assert_every_task_ran_exactly_once(report)
     assert_capacity_kept(report)
+    return " ".join(output.split()), output, report, before, since, releases
+
+
+def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_back(fleet, tmp_path):
+    message, output, report, before, since, releases = failed_upgrade_under_load(
+        fleet, "web1", BROKEN_RELEASE, broken_copy(tmp_path))
+    assert "Rolling upgrade failed on web1, instance web (web-worker@web1), at step 'health check'" in message, (
+        output[-4000:])
+    assert "put back on its previous release and is consuming again" in message
+    assert fleet.units()["web1"]["celery-worker@web.service"] != before["web1"]["celery-worker@web.service"]
     assert set(report["ran_per_release"]) == set(releases.values()), report["ran_per_release"]
     # The canary's old process stopped warmly; the broken one never ran a task.
     assert_warm_stops_only(fleet, since, {"web1": ["celery-worker@web.service"]})
@@ -301,26 +301,13 @@ def test_upgrade_to_a_release_that_cannot_import_stops_at_the_canary_and_rolls_b
 def test_a_failed_upgrade_takes_back_the_instances_of_the_host_already_upgraded(fleet, tmp_path):
     """gpu1 runs two instances. The new release imports on GPU 0 and not on GPU 1: the first instance
     upgrades, the second fails, and both must end on the old release (a host never runs two)."""
-    source = broken_copy(tmp_path, "os.environ.get('CUDA_VISIBLE_DEVICES') == '1'")
-    releases = fleet.releases()
-    before = fleet.units()
-    since = time.time()
-    rc, output, report = roll_under_load(
-        fleet, "upgrade.yml", "--extra-vars",
-        json.dumps({"celery_worker_release": GPU1_BROKEN_RELEASE, "celery_worker_app_source": str(source),
-                    "celery_worker_rolling_start_timeout": 30, "celery_fleet_rolling_order": ["gpu", "web", "batch"]}))
-    assert rc != 0, output[-4000:]
-    message = " ".join(output.split())
+    message, output, report, before, since, releases = failed_upgrade_under_load(
+        fleet, "gpu1", GPU1_BROKEN_RELEASE, broken_copy(tmp_path, "os.environ.get('CUDA_VISIBLE_DEVICES') == '1'"),
+        celery_fleet_rolling_order=["gpu", "web", "batch"])
     assert ("Rolling upgrade failed on gpu1, instance gpu-2 (gpu-worker-2@gpu1), at step 'health check'" in message
             and "and so were the instances of the host already upgraded: gpu-1" in message), output[-4000:]
-    assert fleet.releases() == releases
     after = fleet.units()
     assert all(after["gpu1"][unit] != pid for unit, pid in before["gpu1"].items()), (before["gpu1"], after["gpu1"])
-    assert {name: units for name, units in after.items() if name != "gpu1"} == {
-        name: units for name, units in before.items() if name != "gpu1"}, "a host other than gpu1 changed"
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
-    assert_every_task_ran_exactly_once(report)
-    assert_capacity_kept(report)
     # gpu-worker-1 ran tasks on the new release for a while; now both GPU nodes run the old one.
     assert GPU1_BROKEN_RELEASE in report["ran_per_release"], report["ran_per_release"]
     running = releases_running(fleet)
