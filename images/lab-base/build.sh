@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the lab base image: Debian 12 with systemd as PID 1, python3 and python3-venv.
+# Builds the lab base image: Debian 12 with systemd as PID 1, python3, python3-venv and python3-apt
+# (which Debian servers carry and Ansible's apt module needs for a dry run, --check).
 # Usage: build.sh <image:tag>. Needs root, debootstrap and a Docker Engine.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ rootfs=$(mktemp -d /var/tmp/celery-fleet-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT
 
 debootstrap --variant=minbase \
-  --include=systemd,systemd-sysv,dbus,python3,python3-venv,iproute2,procps,ca-certificates \
+  --include=systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,iproute2,procps,ca-certificates \
   bookworm "$rootfs" "$mirror" >/dev/null
 
 chroot "$rootfs" /bin/sh -eu <<'CHROOT'

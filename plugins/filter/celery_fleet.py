@@ -1,6 +1,8 @@
-"""Pure logic of the celery_worker role: worker instances, their command lines, GPU detection.
+"""Pure logic of the celery_worker role: settings layering and validation, worker instances and their
+command lines, GPU detection, and the arithmetic of a roll (batches, capacity guard, drain deadline).
 
-Kept in Python so it is unit-tested (tests/unit/test_filters.py) and the unit templates stay short.
+Kept in Python so it is unit-tested (tests/unit/test_filters.py, tests/unit/test_settings.py) and the
+YAML only orchestrates.
 """
 
 import re
@@ -130,27 +132,252 @@ def in_service(nodes, active_queues, expected):
     return serving
 
 
-def setting_origins(defaults, profile_name, profile, group_settings, host_settings):
-    """For each worker setting, the variable that set it last (the layers combine in this order)."""
-    origins = {}
-    layers = [
-        ("celery_worker_defaults", defaults),
-        (f"celery_worker_profiles.{profile_name}", profile),
-        ("celery_worker_group_settings", group_settings),
-        ("celery_worker_host_settings", host_settings),
-    ]
-    for variable, layer in layers:
-        for key in layer or {}:
-            origins[key] = f"{variable}.{key}"
-    return origins
-
-
 def duplicates(values):
     """Values that occur more than once, sorted."""
     seen, repeated = set(), set()
     for value in values:
         (repeated if value in seen else seen).add(value)
     return sorted(repeated)
+
+
+# --- Settings: one layering, one validation --------------------------------------------------------
+
+# The layers a host's worker settings combine from, last wins. The only place this order is written.
+LAYER_VARIABLES = ("celery_worker_defaults", "celery_worker_profiles.{profile}",
+                   "celery_worker_group_settings", "celery_worker_host_settings")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+NODE_NAME_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
+MEMORY_MAX_PATTERN = re.compile(r"^$|^[0-9]+[KMGT]?$|^[0-9]+%$|^infinity$")
+CPU_QUOTA_PATTERN = re.compile(r"^$|^[0-9]+%$")
+# Integer settings and their smallest allowed value.
+INTEGER_MINIMUM = {"concurrency": 1, "prefetch_multiplier": 1, "max_tasks_per_child": 0, "max_memory_per_child": 0,
+                   "soft_time_limit": 1, "time_limit": 1, "stop_timeout_margin": 0}
+
+
+def _is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value):
+    """A value as the operator wrote it, for error messages."""
+    if isinstance(value, str):
+        return repr(str(value))
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def worker_profile(explicit, group_names, profiles):
+    """The profile a host takes: celery_worker_profile when set, else the one group of the host that has
+    a profile. '' when there is none or more than one (worker_settings() says which)."""
+    if explicit:
+        return str(explicit)
+    matching = [group for group in group_names or [] if group in (profiles or {})]
+    return matching[0] if len(matching) == 1 else ""
+
+
+def _layers(defaults, profile, profiles, group_settings, host_settings):
+    values = (defaults, (profiles or {}).get(profile) or {}, group_settings, host_settings)
+    return [(variable.format(profile=profile), layer or {}) for variable, layer in zip(LAYER_VARIABLES, values)]
+
+
+def _profile_errors(explicit, group_names, profiles):
+    matching = [group for group in group_names or [] if group in (profiles or {})]
+    if explicit:
+        if explicit not in (profiles or {}):
+            return [f"celery_worker_profile must be one of {sorted(profiles or {})}; got {_show(explicit)}."]
+        return []
+    if not matching:
+        return [f"celery_worker_profile must be one of {sorted(profiles or {})} (the host's groups are "
+                f"{sorted(group_names or [])}); got ''. Put the host in one of those groups or set "
+                f"celery_worker_profile."]
+    if len(matching) > 1:
+        return [f"The host is in {len(matching)} groups that have a worker profile ({' and '.join(sorted(matching))}); "
+                f"a host takes exactly one. Set celery_worker_profile (host_vars) to one of them, or take the host "
+                f"out of all but one of those groups."]
+    return []
+
+
+def _setting_errors(settings, origins, spec):
+    """Errors of the combined settings; each names the variable that set the bad value."""
+    errors = []
+
+    def where(key):
+        return origins.get(key, f"celery_worker_defaults.{key}")
+
+    for key, value in settings.items():
+        if key not in spec:
+            continue
+        choices = spec[key].get("choices")
+        if choices and value not in choices:
+            errors.append(f"{where(key)} must be one of: {', '.join(map(str, choices))}; got {_show(value)}.")
+    for key, minimum in INTEGER_MINIMUM.items():
+        value = settings.get(key)
+        if not _is_integer(value) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else "a non-negative integer"
+            errors.append(f"{where(key)} must be an integer >= {minimum} ({kind}); got {_show(value)}.")
+    soft, hard = settings.get("soft_time_limit"), settings.get("time_limit")
+    if _is_integer(soft) and _is_integer(hard) and soft >= hard:
+        errors.append(f"{where('soft_time_limit')} ({soft}) must be below {where('time_limit')} ({hard}), "
+                      f"so that a task can clean up before it is killed.")
+    queues = settings.get("queues")
+    if (not isinstance(queues, list) or not queues
+            or not all(isinstance(queue, str) and QUEUE_PATTERN.match(queue) for queue in queues)
+            or len(set(queues)) != len(queues)):
+        errors.append(f"{where('queues')} must be a non-empty list of distinct queue names, each matching "
+                      f"{QUEUE_PATTERN.pattern} (letters, digits, '_', '.', ':', '-'); got {_show(queues)}.")
+    node_name = settings.get("node_name")
+    if not isinstance(node_name, str) or not NODE_NAME_PATTERN.match(node_name):
+        errors.append(f"{where('node_name')} must look like name@host (for example web-worker@%h), with no "
+                      f"whitespace; got {_show(node_name)}.")
+    autoscale = settings.get("autoscale")
+    if autoscale is not None:
+        if not (isinstance(autoscale, dict) and sorted(autoscale) == ["max", "min"]
+                and _is_integer(autoscale["max"]) and _is_integer(autoscale["min"])
+                and 0 <= autoscale["min"] <= autoscale["max"] and autoscale["max"] >= 1
+                and settings.get("pool") == "prefork"):
+            errors.append(f"{where('autoscale')} must be null or {{max: N, min: M}} with integers N >= M >= 0 and "
+                          f"N >= 1, and needs pool prefork; got {_show(autoscale)} with pool "
+                          f"{settings.get('pool')}.")
+    memory_max, cpu_quota = settings.get("memory_max"), settings.get("cpu_quota")
+    if not MEMORY_MAX_PATTERN.match(str(memory_max)):
+        errors.append(f"{where('memory_max')} must be empty, bytes with an optional K/M/G/T suffix, a percentage "
+                      f"or infinity; got {_show(memory_max)}.")
+    if not CPU_QUOTA_PATTERN.match(str(cpu_quota)):
+        errors.append(f"{where('cpu_quota')} must be empty or a percentage like 200%; got {_show(cpu_quota)}.")
+    instances = settings.get("instances")
+    if not ((instances is None and settings.get("gpu_mode") == "per_device")
+            or (_is_integer(instances) and instances >= 1)):
+        errors.append(f"{where('instances')} must be a positive integer (or null with gpu_mode per_device, meaning "
+                      f"one per GPU); got {_show(instances)}.")
+    return errors
+
+
+def worker_settings(defaults, profiles, explicit_profile, group_names, group_settings, host_settings, spec):
+    """Layer a host's worker settings and check them: the one place for both.
+
+    Layers, last wins: celery_worker_defaults, celery_worker_profiles[profile], celery_worker_group_settings,
+    celery_worker_host_settings. The profile is celery_worker_profile when set, else the host's one group
+    that has a profile. spec: the setting options of the role's argument_specs (their choices).
+    Returns {"profile", "settings", "origins" (setting -> variable that set it), "errors" (all of them)}.
+    """
+    spec = spec or {}
+    profile = worker_profile(explicit_profile, group_names, profiles)
+    settings, origins = {}, {}
+    for variable, layer in _layers(defaults, profile, profiles, group_settings, host_settings):
+        for key, value in layer.items():
+            settings[key] = value
+            origins[key] = f"{variable}.{key}"
+    errors = _profile_errors(explicit_profile, group_names, profiles)
+    # Every layer, and every profile (not only this host's): a typo never goes unnoticed.
+    layers = [(f"celery_worker_profiles.{name}", layer) for name, layer in sorted((profiles or {}).items())]
+    layers += [(variable, layer) for variable, layer in
+               _layers(defaults, "", {}, group_settings, host_settings) if "{" not in variable]
+    for variable, layer in layers:
+        if not isinstance(layer, dict):
+            errors.append(f"{variable} must be a mapping of worker settings; got {_show(layer)}.")
+            continue
+        unknown = [f"{variable}.{key}" for key in layer if key not in spec]
+        if unknown:
+            errors.append(f"Unknown worker setting(s) {unknown}; allowed settings are {list(spec)}.")
+    if not errors:
+        errors = _setting_errors(settings, origins, spec)
+    return {"profile": profile, "settings": settings, "origins": origins, "errors": errors}
+
+
+# --- Rolling: order and batches, capacity guard, drain deadline ---------------------------------------
+
+
+def _batch_size(value, group_size):
+    """Ansible's serial arithmetic (pct_to_int): 'N%' of the hosts, at least 1; an integer as it is."""
+    if isinstance(value, str) and value.endswith("%"):
+        return int(int(value[:-1]) / 100.0 * group_size) or 1
+    return int(value)
+
+
+def _serial_errors(serial):
+    values = serial if isinstance(serial, list) else [serial]
+    good = bool(values) and all(
+        (_is_integer(value) and value >= 1)
+        or (isinstance(value, str) and re.fullmatch(r"[1-9][0-9]?%|100%", value)) for value in values)
+    return [] if good else [
+        f"celery_worker_rolling_serial must be a positive integer, a percentage from 1% to 100%, or a non-empty "
+        f"list of those (batch sizes within each group, the last one repeated); got {_show(serial)}."]
+
+
+def rolling_plan(order, serial, groups, play_hosts):
+    """Which hosts roll in which order and batch sizes, so that groups roll one after another, each with
+    its own canary batch first, and no batch ever spans two groups.
+
+    order: celery_worker_rolling_order (group names); serial: celery_worker_rolling_serial, applied to
+    each group's hosts as Ansible applies a play's serial; groups: the inventory's groups; play_hosts: the
+    worker hosts of the run (after --limit). Returns {"hosts", "batches", "errors"}; a host in several of
+    the groups rolls with the first.
+    """
+    errors = []
+    if (not isinstance(order, list) or not order or not all(isinstance(group, str) for group in order)
+            or len(set(order)) != len(order)):
+        return {"hosts": [], "batches": [], "errors": [
+            f"celery_worker_rolling_order must be a non-empty list of distinct inventory group names; got "
+            f"{_show(order)}."]}
+    unknown = [group for group in order if group not in groups]
+    if unknown:
+        errors.append(f"celery_worker_rolling_order names group(s) the inventory does not have: {unknown} "
+                      f"(order {order}).")
+    errors += _serial_errors(serial)
+    hosts, batches = [], []
+    serials = serial if isinstance(serial, list) else [serial]
+    for group in order:
+        members = [host for host in groups.get(group, []) if host in play_hosts and host not in hosts]
+        group_size, position = len(members), 0
+        while members and not errors:
+            size = min(_batch_size(serials[min(position, len(serials) - 1)], group_size), len(members))
+            hosts += members[:size]
+            batches.append(size)
+            members, position = members[size:], position + 1
+    left_out = [host for host in play_hosts if host not in hosts]
+    if left_out and not unknown:
+        errors.append(f"celery_worker_rolling_order {order} must together hold every worker host of the run; "
+                      f"worker hosts in none of them: {left_out}.")
+    return {"hosts": hosts, "batches": batches, "errors": errors}
+
+
+def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queues):
+    """Whether `node` may be drained: enough of its group's other nodes are in service.
+
+    host_nodes: {host: {node: [queues]}} for every host of the group, None for a host not in the run
+    (--limit): its nodes are unknown. batch_hosts: the other hosts of the batch, drained at the same
+    time: their nodes never count. min_online: celery_worker_rolling_min_online (None: every counted node).
+    active_queues: the inspect reply {node: [{"name": queue}, ...]}.
+    Returns {"counted", "in_service", "needed", "unknown_hosts", "refusal"} (refusal '' when it may go on).
+    """
+    unknown = sorted(host for host, nodes in host_nodes.items() if nodes is None)
+    expected = {}
+    for nodes in host_nodes.values():
+        expected.update(nodes or {})
+    drained_with_it = {other for host in batch_hosts or [] for other in (host_nodes.get(host) or {})}
+    counted = sorted(other for other in expected if other != node and other not in drained_with_it)
+    needed = len(counted) if min_online is None else int(min_online)
+    serving = in_service(counted, active_queues, expected)
+    refusal = ""
+    if unknown and min_online is None:
+        refusal = (f"Capacity guard: host(s) {', '.join(unknown)} of group {group} are not in this run (--limit?), "
+                   f"so their nodes are unknown. Roll the whole group, or set celery_worker_rolling_min_online to "
+                   f"the number of the group's other known nodes that must be in service")
+    elif len(serving) < needed:
+        refusal = (f"Capacity guard: {len(serving)} other node(s) of group {group} are in service "
+                   f"({', '.join(serving) or 'none'}); celery_worker_rolling_min_online needs {needed}. "
+                   f"Not draining {node}")
+    return {"counted": counted, "in_service": serving, "needed": needed, "unknown_hosts": unknown,
+            "refusal": refusal}
+
+
+def drain_timeout(settings, margin):
+    """Seconds a drained node may take to finish: each slot may hold prefetch_multiplier tasks, each up to
+    the hard time limit, plus a margin."""
+    return int(settings["prefetch_multiplier"]) * int(settings["time_limit"]) + int(margin)
 
 
 class FilterModule:
@@ -162,6 +389,9 @@ class FilterModule:
             "celery_fleet_worker_arguments": worker_arguments,
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
-            "celery_fleet_setting_origins": setting_origins,
             "celery_fleet_in_service": in_service,
+            "celery_fleet_worker_settings": worker_settings,
+            "celery_fleet_rolling_plan": rolling_plan,
+            "celery_fleet_capacity_guard": capacity_guard,
+            "celery_fleet_drain_timeout": drain_timeout,
         }
