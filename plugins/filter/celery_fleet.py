@@ -179,7 +179,8 @@ def worker_profile(explicit, group_names, profiles):
 
 
 def _layers(defaults, profile, profiles, group_settings, host_settings):
-    values = (defaults, (profiles or {}).get(profile) or {}, group_settings, host_settings)
+    profiles = profiles if isinstance(profiles, dict) else {}
+    values = (defaults, profiles.get(profile) or {}, group_settings, host_settings)
     return [(variable.format(profile=profile), layer or {}) for variable, layer in zip(LAYER_VARIABLES, values)]
 
 
@@ -267,7 +268,7 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
     profile = worker_profile(explicit_profile, group_names, profiles)
     settings, origins = {}, {}
     for variable, layer in _layers(defaults, profile, profiles, group_settings, host_settings):
-        for key, value in layer.items():
+        for key, value in (layer.items() if isinstance(layer, dict) else ()):
             settings[key] = value
             origins[key] = f"{variable}.{key}"
     errors = _profile_errors(explicit_profile, group_names, profiles)

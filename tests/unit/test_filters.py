@@ -108,13 +108,6 @@ def test_duplicates():
     assert cf.duplicates(["a"]) == []
 
 
-def test_setting_origins_name_the_last_layer():
-    origins = cf.setting_origins({"pool": "prefork", "concurrency": 4}, "web", {"concurrency": 8},
-                                 {}, {"pool": "bogus"})
-    assert origins == {"pool": "celery_worker_host_settings.pool",
-                       "concurrency": "celery_worker_profiles.web.concurrency"}
-
-
 def test_in_service_needs_an_answer_and_every_expected_queue():
     from celery_fleet import in_service
 

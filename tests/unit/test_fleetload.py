@@ -1,4 +1,4 @@
-"""The oracle of the rolling tests and benchmarks (scripts/fleetload.py): counting, windows, batches."""
+"""The oracle of the rolling tests and benchmarks (tests/support/fleetload.py): counting, windows, batches."""
 
 from collections import Counter
 
@@ -20,12 +20,12 @@ def sent(*tokens):
     return [{"token": token, "queue": "default", "seconds": 1, "sent": 0.0} for token in tokens]
 
 
-def test_batch_sizes_follow_ansible_serial():
-    assert fleetload.ansible_batch_sizes([1, "25%"], 2) == [1, 1]
-    assert fleetload.ansible_batch_sizes([1, "25%"], 9) == [1, 2, 2, 2, 2]
-    assert fleetload.ansible_batch_sizes([1, "25%"], 1) == [1]
-    assert fleetload.ansible_batch_sizes(3, 7) == [3, 3, 1]
-    assert fleetload.ansible_batch_sizes("50%", 3) == [1, 1, 1]
+def test_allowed_out_of_service_is_the_largest_batch_of_each_group():
+    hosts = {"web1": "web", "web2": "web", "batch1": "batch", "gpu1": "gpu"}
+    assert fleetload.allowed_out_of_service(hosts) == {"web": 1, "batch": 1, "gpu": 1}
+    many = {f"web{n}": "web" for n in range(1, 10)} | {"batch1": "batch"}
+    assert fleetload.allowed_out_of_service(many) == {"web": 2, "batch": 1}
+    assert fleetload.allowed_out_of_service(many, serial=3) == {"web": 3, "batch": 1}
 
 
 def test_node_host_is_the_short_host_name():

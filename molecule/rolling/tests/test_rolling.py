@@ -22,13 +22,11 @@ import pytest
 import testinfra
 
 import fleetload
-from conftest import PROJECT
 
+PROJECT = fleetload.PROJECT
 INVENTORY = str(PROJECT / "inventories" / "lab")
 # The lab runs web-worker@web1, @web2, batch-worker@batch1 and two GPU instances on gpu1.
 EXPECTED_NODES = 5
-# The playbooks' default celery_fleet_rolling_serial.
-SERIAL = [1, "25%"]
 # Tasks per second sent to each queue, 0 to 5 s each (2.5 s on average): about 40% of the fleet's
 # slots in steady state (web 16, batch 4, gpu 2), and under 80% of what is left while a web or GPU
 # node is out. The batch queue has one host: it waits while batch1 rolls, and must lose nothing.
@@ -54,10 +52,7 @@ class Fleet:
         self.nodes = fleetload.discover_nodes(self.broker_url, EXPECTED_NODES)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
         # A batch of N hosts rolls their instances one after another: at most N nodes out at once.
-        self.allowed_out = {
-            group: max(fleetload.ansible_batch_sizes(SERIAL, list(self.host_groups.values()).count(group)))
-            for group in set(self.host_groups.values())
-        }
+        self.allowed_out = fleetload.allowed_out_of_service(self.host_groups)
 
     def units(self):
         """{host: {unit: MainPID}} of every worker instance."""
@@ -183,26 +178,28 @@ def test_a_dry_run_changes_nothing(fleet):
     before = fleet.units()
     rc, output = run_playbook("rolling_restart.yml", "--check")
     assert rc == 0, output[-4000:]
-    assert "PLAY [Roll one worker group, a canary batch first]" in output
+    assert "PLAY [Roll the worker groups in order, a canary batch first in each]" in output
     assert fleet.units() == before
     assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
 
 
 def test_a_roll_that_would_leave_a_host_out_is_refused(fleet):
     before = fleet.units()
-    rc, output = run_playbook("rolling_restart.yml", "--extra-vars", '{"celery_fleet_rolling_order": ["web", "batch"]}')
+    rc, output = run_playbook("rolling_restart.yml", "--extra-vars", '{"celery_worker_rolling_order": ["web", "batch"]}')
     assert rc != 0, output[-4000:]
     message = " ".join(output.split())
-    assert "celery_fleet_rolling_order must list 1 to 3 distinct inventory groups" in message, output[-4000:]
-    assert "Worker hosts in none of them: ['gpu1']" in message, output[-4000:]
-    assert "PLAY [Roll one worker group" not in output
+    assert ("celery_worker_rolling_order ['web', 'batch'] must together hold every worker host of the run; "
+            "worker hosts in none of them: ['gpu1']") in message, output[-4000:]
+    assert "PLAY [Roll the worker groups" not in output
     assert fleet.units() == before
 
 
 def test_rolling_restart_under_load_loses_nothing(fleet):
+    """An order of one group that holds every worker host (the upgrade below rolls the default three)."""
     before = fleet.units()
     since = time.time()
-    rc, output, report = roll_under_load(fleet, "rolling_restart.yml")
+    rc, output, report = roll_under_load(fleet, "rolling_restart.yml", "--extra-vars",
+                                         '{"celery_worker_rolling_order": ["workers"]}')
     assert rc == 0, output[-4000:]
     assert_every_task_ran_exactly_once(report)
     assert_capacity_kept(report)
@@ -303,7 +300,7 @@ def test_a_failed_upgrade_takes_back_the_instances_of_the_host_already_upgraded(
     upgrades, the second fails, and both must end on the old release (a host never runs two)."""
     message, output, report, before, since, releases = failed_upgrade_under_load(
         fleet, "gpu1", GPU1_BROKEN_RELEASE, broken_copy(tmp_path, "os.environ.get('CUDA_VISIBLE_DEVICES') == '1'"),
-        celery_fleet_rolling_order=["gpu", "web", "batch"])
+        celery_worker_rolling_order=["gpu", "web", "batch"])
     assert ("Rolling upgrade failed on gpu1, instance gpu-2 (gpu-worker-2@gpu1), at step 'health check'" in message
             and "and so were the instances of the host already upgraded: gpu-1" in message), output[-4000:]
     after = fleet.units()

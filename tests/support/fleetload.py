@@ -1,7 +1,8 @@
 """Load, ledger and in-service monitor for a Celery fleet under a rolling operation.
 
-Shared by the rolling Molecule scenario (molecule/rolling) and the benchmark (scripts/bench_rolling.py);
-runs on the controller and talks to the broker directly.
+Shared by the rolling Molecule scenario (molecule/rolling), the fleet scenario's playbook runs and the
+benchmark (benchmarks/bench_rolling.py); runs on the controller and talks to the broker directly.
+Imported through pytest's pythonpath (pytest.ini); `./fleet bench` sets PYTHONPATH for the benchmark.
 
 - Producer sends `ledger_task(seconds, token, ledger)` tasks of random duration to the fleet's queues,
   either at a fixed rate per queue (open loop) or topping each queue up to a backlog (saturation).
@@ -27,9 +28,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import redis
+import yaml
 from celery import Celery
 
-PROJECT = Path(__file__).resolve().parents[1]
+import celery_fleet
+
+PROJECT = Path(__file__).resolve().parents[2]
+# The worker role's defaults: the one place for the profiles, the roll's order and its serial.
+ROLE_DEFAULTS = yaml.safe_load((PROJECT / "roles" / "celery_worker" / "defaults" / "main.yml").read_text())
 LEDGER_TASK = "celery_fleet_app.tasks.ledger_task"
 
 
@@ -61,6 +67,15 @@ def run_playbook(playbook: str, *extra_args: str, inventory: str | Path, project
     return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
 
 
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
+
+
+def recap(output: str) -> dict:
+    """{host: {"ok", "changed", "unreachable", "failed"}} from a playbook's PLAY RECAP (the last one a host has)."""
+    return {host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
+            for host, *counts in RECAP.findall(output)}
+
+
 def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT):
     """(broker URL, result backend URL) of the lab's broker, reachable from the controller.
 
@@ -79,34 +94,32 @@ def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", pro
     return f"redis://:{password}@{address}:{port}/0", f"redis://:{password}@{address}:{port}/1"
 
 
-def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT,
-                  groups=("web", "batch", "gpu")) -> dict:
-    """{host: group} of the worker hosts, the first of `groups` a host is in."""
+def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT) -> dict:
+    """{host: group} of the worker hosts: the group of each host that has a worker profile."""
     listing = inventory_list(inventory, project)
     hosts = {}
-    for group in groups:
+    for group in ROLE_DEFAULTS["celery_worker_profiles"]:
         for host in listing.get(group, {}).get("hosts", []):
             hosts.setdefault(host, group)
     return hosts
 
 
-def ansible_batch_sizes(serial, hosts: int) -> list[int]:
-    """The batch sizes Ansible makes of `hosts` hosts for a play's `serial` (a number, a percentage or
-    a list of them; the last one repeats), as its strategy computes them: a percentage rounds down,
-    and a batch has at least one host."""
-    steps = serial if isinstance(serial, list) else [serial]
-    sizes, left, index = [], hosts, 0
-    while left > 0:
-        step = steps[min(index, len(steps) - 1)]
-        if isinstance(step, str) and step.endswith("%"):
-            size = int(float(step[:-1]) / 100.0 * hosts)
-        else:
-            size = int(step)
-        size = max(size, 1)
-        sizes.append(min(size, left))
-        left -= size
-        index += 1
-    return sizes
+def allowed_out_of_service(host_groups: dict, order=None, serial=None) -> dict:
+    """{group: most hosts of the group a roll takes out at once}, from the role's own plan of the roll
+    (celery_fleet.rolling_plan) for `order` and `serial` (default: the role's)."""
+    order = order or ROLE_DEFAULTS["celery_worker_rolling_order"]
+    serial = serial or ROLE_DEFAULTS["celery_worker_rolling_serial"]
+    groups = {}
+    for host, group in host_groups.items():
+        groups.setdefault(group, []).append(host)
+    plan = celery_fleet.rolling_plan([group for group in order if group in groups], serial, groups, list(host_groups))
+    assert not plan["errors"], plan["errors"]
+    allowed, position = {}, 0
+    for size in plan["batches"]:
+        for host in plan["hosts"][position:position + size]:
+            allowed[host_groups[host]] = max(allowed.get(host_groups[host], 0), size)
+        position += size
+    return allowed
 
 
 def node_host(node: str) -> str:

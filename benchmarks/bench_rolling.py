@@ -3,8 +3,8 @@
 
 Not a test: it measures. Needs a deployed fleet (`./fleet lab` for the lab) and the controller's venv:
 
-    .venv/bin/python scripts/bench_rolling.py                      # saturating load, lab inventory
-    .venv/bin/python scripts/bench_rolling.py --mode rate          # the rolling test's open-loop rates
+    ./fleet bench                      # saturating load, lab inventory
+    ./fleet bench --mode rate          # the rolling test's open-loop rates
 
 Load modes:
   backlog  keeps every queue's Redis list topped up (default 2 tasks per slot of the group): the fleet
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fleetload  # noqa: E402
+import fleetload  # tests/support, on PYTHONPATH (./fleet bench)
 
 PROJECT = fleetload.PROJECT
 RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
@@ -40,7 +38,9 @@ def parse_args():
     parser.add_argument("--result-url", help="result backend URL the ledger tasks write to (default: the lab's)")
     parser.add_argument("--playbook", default="rolling_restart.yml")
     parser.add_argument("--extra-vars", action="append", default=[], help="passed to ansible-playbook")
-    parser.add_argument("--serial", default='[1, "25%"]', help="JSON: the roll's serial, for the capacity check")
+    parser.add_argument("--serial", default=None,
+                        help="JSON: the roll's celery_worker_rolling_serial (default: the role's), for the capacity "
+                             "check; pass the same in --extra-vars to roll with it")
     parser.add_argument("--mode", choices=["backlog", "rate"], default="backlog")
     parser.add_argument("--backlog-per-slot", type=float, default=2.0)
     parser.add_argument("--steady", type=float, default=40.0, help="seconds of load before the roll")
@@ -166,9 +166,8 @@ def main():
     nodes = fleetload.discover_nodes(broker_url, hosts=host_groups)
     expected = len(nodes)
     node_groups = {node: host_groups[fleetload.node_host(node)] for node in nodes}
-    serial = json.loads(args.serial)
-    allowed = {group: max(fleetload.ansible_batch_sizes(serial, list(host_groups.values()).count(group)))
-               for group in set(host_groups.values())}
+    serial = json.loads(args.serial) if args.serial else fleetload.ROLE_DEFAULTS["celery_worker_rolling_serial"]
+    allowed = fleetload.allowed_out_of_service(host_groups, serial=serial)
     slots = slots_per_queue(broker_url, nodes)
     if args.mode == "backlog":
         load_kwargs = {"backlog": {q: max(1, round(n * args.backlog_per_slot)) for q, n in slots.items()}}

@@ -1,0 +1,31 @@
+"""A dry run of the deploy (site.yml --check --diff) on the fresh lab, where nothing is deployed yet: it
+fails nowhere, shows what a deploy would change on every host, and changes nothing. The fleet scenario
+checks the same dry run on a deployed lab (it must show no change there)."""
+
+import testinfra
+
+import fleetload
+
+INVENTORY = str(fleetload.PROJECT / "inventories" / "lab")
+
+
+def lab_host(name):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def test_a_dry_run_on_the_fresh_lab_shows_changes_fails_nowhere_and_changes_nothing():
+    rc, output = fleetload.run_playbook("site.yml", "--check", "--diff", inventory=INVENTORY, timeout=900)
+    assert rc == 0, output[-4000:]
+    recap = fleetload.recap(output)
+    assert set(recap) == {"broker1", "web1", "web2", "batch1", "gpu1"}, recap
+    assert all(counts["failed"] == 0 and counts["changed"] > 0 for counts in recap.values()), recap
+    # It says what it would do: the broker's package, the worker user, unit and per-instance files.
+    assert "redis-server" in output and "/etc/systemd/system/celery-worker@.service" in output
+    assert "/etc/celery-fleet/instances/gpu-2.env" in output
+    # And does none of it.
+    assert not lab_host("broker1").package("redis-server").is_installed
+    for name in ("web1", "gpu1"):
+        host = lab_host(name)
+        assert not host.file("/opt/celery-fleet").exists
+        assert not host.file("/etc/systemd/system/celery-worker@.service").exists
+        assert not host.user("celery").exists

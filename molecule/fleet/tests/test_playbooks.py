@@ -1,0 +1,42 @@
+"""site.yml as operators run it besides a plain deploy, on the deployed lab: a dry run (--check --diff)
+shows no change and fails nowhere, and each phase's tag runs on its own (the facts every phase needs are
+computed under every tag), changing nothing on a converged fleet."""
+
+import pytest
+
+import fleetload
+from fleet import INVENTORY, lab_host
+
+def worker_pids():
+    return {name: lab_host(name).check_output("systemctl show -p MainPID --value 'celery-worker@*.service' | sort")
+            for name in ("web1", "web2", "batch1", "gpu1")}
+
+
+def assert_no_change(*args):
+    before = worker_pids()
+    rc, output = fleetload.run_playbook("site.yml", *args, inventory=INVENTORY, timeout=600)
+    assert rc == 0, output[-4000:]
+    recap = fleetload.recap(output)
+    assert set(recap) == {"broker1", "web1", "web2", "batch1", "gpu1"}, recap
+    assert all((counts["changed"], counts["unreachable"], counts["failed"]) == (0, 0, 0)
+               for counts in recap.values()), recap
+    assert worker_pids() == before
+    return output
+
+
+def test_a_dry_run_on_the_deployed_fleet_shows_no_change_and_fails_nowhere():
+    output = assert_no_change("--check", "--diff")
+    # It really asked the broker and the nodes (read-only), not skipped them.
+    assert "Wait until the broker answers PING" in output
+    assert "5 node(s) online" in output
+
+
+@pytest.mark.parametrize("tag", ["celery_worker_configure", "celery_worker_run"])
+def test_one_phase_runs_on_its_own(tag):
+    output = assert_no_change("--tags", tag)
+    # The phase ran, validated like a full run, and the others did not.
+    assert "Assert the host's worker settings are valid" in output
+    phase_task = {"celery_worker_configure": "Write each instance's worker options",
+                  "celery_worker_run": "Start and enable every worker instance"}[tag]
+    assert phase_task in output
+    assert "Install the application into the release virtualenv" not in output
