@@ -76,6 +76,16 @@ def recap(output: str) -> dict:
             for host, *counts in RECAP.findall(output)}
 
 
+def task_results(output: str) -> dict:
+    """{task name: the lines a playbook printed for it} (the last run of each task name), e.g.
+    task_results(out)["celery_broker : Install Redis from Debian's packages"] holds "changed: [broker1]"."""
+    tasks = {}
+    for block in output.split("\nTASK [")[1:]:
+        name, _, rest = block.partition("]")
+        tasks[name] = rest
+    return tasks
+
+
 def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT):
     """(broker URL, result backend URL) of the lab's broker, reachable from the controller.
 

@@ -20,8 +20,12 @@ def test_a_dry_run_on_the_fresh_lab_shows_changes_fails_nowhere_and_changes_noth
     assert set(recap) == {"broker1", "web1", "web2", "batch1", "gpu1"}, recap
     assert all(counts["failed"] == 0 and counts["changed"] > 0 for counts in recap.values()), recap
     # It says what it would do: the broker's package, the worker user, unit and per-instance files.
-    assert "redis-server" in output and "/etc/systemd/system/celery-worker@.service" in output
-    assert "/etc/celery-fleet/instances/gpu-2.env" in output
+    tasks = fleetload.task_results(output)
+    for task, host in [("celery_broker : Install Redis from Debian's packages", "broker1"),
+                       ("celery_worker : Create the worker's unprivileged system user", "web1"),
+                       ("celery_worker : Install the worker template unit", "gpu1"),
+                       ("celery_worker : Write each instance's worker options", "gpu1")]:
+        assert f"changed: [{host}" in tasks.get(task, ""), (task, tasks.get(task, "(task not run)")[:2000])
     # And does none of it.
     assert not lab_host("broker1").package("redis-server").is_installed
     for name in ("web1", "gpu1"):
