@@ -43,7 +43,7 @@ def worker_instances(settings, group, gpu_devices=None):
     gpu_devices: device ids of the host; used when settings['gpu_mode'] is per_device or shared.
     """
     gpu_devices = [str(device) for device in (gpu_devices or [])]
-    gpu_mode = settings.get("gpu_mode", "none")
+    gpu_mode = settings["gpu_mode"]
     if gpu_mode == "per_device":
         count = settings.get("instances") or len(gpu_devices)
     else:
@@ -73,7 +73,7 @@ def worker_instances(settings, group, gpu_devices=None):
 
 def stop_timeout(settings):
     """Seconds systemd waits for a warm shutdown: the longest a task may run, plus a margin."""
-    return int(settings["time_limit"]) + int(settings.get("stop_timeout_margin", 30))
+    return int(settings["time_limit"]) + int(settings["stop_timeout_margin"])
 
 
 def worker_arguments(settings, node_name):
@@ -86,7 +86,7 @@ def worker_arguments(settings, node_name):
         f"--hostname={node_name}",
         f"--queues={','.join(settings['queues'])}",
         f"--pool={settings['pool']}",
-        f"--loglevel={settings.get('loglevel', 'INFO')}",
+        f"--loglevel={settings['loglevel']}",
         f"--prefetch-multiplier={settings['prefetch_multiplier']}",
         f"--time-limit={settings['time_limit']}",
         f"--soft-time-limit={settings['soft_time_limit']}",
@@ -142,16 +142,18 @@ def duplicates(values):
 
 # --- Settings: one layering, one validation --------------------------------------------------------
 
-# The layers a host's worker settings combine from, last wins. The only place this order is written.
-LAYER_VARIABLES = ("celery_worker_defaults", "celery_worker_profiles.{profile}",
-                   "celery_worker_group_settings", "celery_worker_host_settings")
-QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-NODE_NAME_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+$")
-MEMORY_MAX_PATTERN = re.compile(r"^$|^[0-9]+[KMGT]?$|^[0-9]+%$|^infinity$")
-CPU_QUOTA_PATTERN = re.compile(r"^$|^[0-9]+%$")
-# Integer settings and their smallest allowed value.
-INTEGER_MINIMUM = {"concurrency": 1, "prefetch_multiplier": 1, "max_tasks_per_child": 0, "max_memory_per_child": 0,
-                   "soft_time_limit": 1, "time_limit": 1, "stop_timeout_margin": 0}
+# Patterns are matched whole (fullmatch): a trailing newline would split an environment file's line.
+QUEUE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+# Celery expands %h, %n and %d; nothing that a shell, systemd or an env file would read specially.
+NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.%-]+@[A-Za-z0-9_.%-]+")
+MEMORY_MAX_PATTERN = re.compile(r"|[0-9]+[KMGT]?|[0-9]+%|infinity")
+CPU_QUOTA_PATTERN = re.compile(r"|[0-9]+%")
+# Integer settings and their allowed range: an instance or slot count in the millions is a typo that would
+# make the controller loop or a host fork without end; a week is longer than any task should run.
+INTEGER_RANGE = {"concurrency": (1, 10000), "prefetch_multiplier": (1, 10000), "max_tasks_per_child": (0, None),
+                 "max_memory_per_child": (0, None), "soft_time_limit": (1, 604800), "time_limit": (1, 604800),
+                 "stop_timeout_margin": (0, 86400)}
+MAX_INSTANCES = 256
 
 
 def _is_integer(value):
@@ -172,20 +174,26 @@ def _show(value):
 def worker_profile(explicit, group_names, profiles):
     """The profile a host takes: celery_worker_profile when set, else the one group of the host that has
     a profile. '' when there is none or more than one (worker_settings() says which)."""
-    if explicit:
-        return str(explicit)
+    if explicit and isinstance(explicit, str):
+        return explicit
     matching = [group for group in group_names or [] if group in (profiles or {})]
-    return matching[0] if len(matching) == 1 else ""
+    return matching[0] if len(matching) == 1 and not explicit else ""
 
 
 def _layers(defaults, profile, profiles, group_settings, host_settings):
-    profiles = profiles if isinstance(profiles, dict) else {}
-    values = (defaults, profiles.get(profile) or {}, group_settings, host_settings)
-    return [(variable.format(profile=profile), layer or {}) for variable, layer in zip(LAYER_VARIABLES, values)]
+    """The layers a host's worker settings combine from, last wins: the only place this order is written."""
+    profile_layer = (profiles.get(profile) if isinstance(profiles, dict) else None) or {}
+    return [("celery_worker_defaults", defaults),
+            (f"celery_worker_profiles.{profile}", profile_layer),
+            ("celery_worker_group_settings", group_settings),
+            ("celery_worker_host_settings", host_settings)]
 
 
 def _profile_errors(explicit, group_names, profiles):
     matching = [group for group in group_names or [] if group in (profiles or {})]
+    if explicit and not isinstance(explicit, str):
+        return [f"celery_worker_profile must be the name of a group in celery_worker_profiles "
+                f"{sorted(profiles or {})}; got {_show(explicit)}."]
     if explicit:
         if explicit not in (profiles or {}):
             return [f"celery_worker_profile must be one of {sorted(profiles or {})}; got {_show(explicit)}."]
@@ -214,25 +222,26 @@ def _setting_errors(settings, origins, spec):
         choices = spec[key].get("choices")
         if choices and value not in choices:
             errors.append(f"{where(key)} must be one of: {', '.join(map(str, choices))}; got {_show(value)}.")
-    for key, minimum in INTEGER_MINIMUM.items():
+    for key, (minimum, maximum) in INTEGER_RANGE.items():
         value = settings.get(key)
-        if not _is_integer(value) or value < minimum:
+        if not _is_integer(value) or value < minimum or (maximum is not None and value > maximum):
             kind = "a positive integer" if minimum == 1 else "a non-negative integer"
-            errors.append(f"{where(key)} must be an integer >= {minimum} ({kind}); got {_show(value)}.")
+            bound = f" and <= {maximum}" if maximum is not None else ""
+            errors.append(f"{where(key)} must be an integer >= {minimum}{bound} ({kind}); got {_show(value)}.")
     soft, hard = settings.get("soft_time_limit"), settings.get("time_limit")
     if _is_integer(soft) and _is_integer(hard) and soft >= hard:
         errors.append(f"{where('soft_time_limit')} ({soft}) must be below {where('time_limit')} ({hard}), "
                       f"so that a task can clean up before it is killed.")
     queues = settings.get("queues")
     if (not isinstance(queues, list) or not queues
-            or not all(isinstance(queue, str) and QUEUE_PATTERN.match(queue) for queue in queues)
+            or not all(isinstance(queue, str) and QUEUE_PATTERN.fullmatch(queue) for queue in queues)
             or len(set(queues)) != len(queues)):
         errors.append(f"{where('queues')} must be a non-empty list of distinct queue names, each matching "
                       f"{QUEUE_PATTERN.pattern} (letters, digits, '_', '.', ':', '-'); got {_show(queues)}.")
     node_name = settings.get("node_name")
-    if not isinstance(node_name, str) or not NODE_NAME_PATTERN.match(node_name):
-        errors.append(f"{where('node_name')} must look like name@host (for example web-worker@%h), with no "
-                      f"whitespace; got {_show(node_name)}.")
+    if not isinstance(node_name, str) or not NODE_NAME_PATTERN.fullmatch(node_name):
+        errors.append(f"{where('node_name')} must look like name@host (for example web-worker@%h), with only "
+                      f"letters, digits, '_', '.', '-' and % on either side (no whitespace); got {_show(node_name)}.")
     autoscale = settings.get("autoscale")
     if autoscale is not None:
         if not (isinstance(autoscale, dict) and sorted(autoscale) == ["max", "min"]
@@ -243,16 +252,16 @@ def _setting_errors(settings, origins, spec):
                           f"N >= 1, and needs pool prefork; got {_show(autoscale)} with pool "
                           f"{settings.get('pool')}.")
     memory_max, cpu_quota = settings.get("memory_max"), settings.get("cpu_quota")
-    if not MEMORY_MAX_PATTERN.match(str(memory_max)):
+    if not isinstance(memory_max, str) or not MEMORY_MAX_PATTERN.fullmatch(memory_max):
         errors.append(f"{where('memory_max')} must be empty, bytes with an optional K/M/G/T suffix, a percentage "
                       f"or infinity; got {_show(memory_max)}.")
-    if not CPU_QUOTA_PATTERN.match(str(cpu_quota)):
+    if not isinstance(cpu_quota, str) or not CPU_QUOTA_PATTERN.fullmatch(cpu_quota):
         errors.append(f"{where('cpu_quota')} must be empty or a percentage like 200%; got {_show(cpu_quota)}.")
     instances = settings.get("instances")
     if not ((instances is None and settings.get("gpu_mode") == "per_device")
-            or (_is_integer(instances) and instances >= 1)):
-        errors.append(f"{where('instances')} must be a positive integer (or null with gpu_mode per_device, meaning "
-                      f"one per GPU); got {_show(instances)}.")
+            or (_is_integer(instances) and 1 <= instances <= MAX_INSTANCES)):
+        errors.append(f"{where('instances')} must be a positive integer up to {MAX_INSTANCES} (or null with gpu_mode "
+                      f"per_device, meaning one per GPU); got {_show(instances)}.")
     return errors
 
 
@@ -273,9 +282,12 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
             origins[key] = f"{variable}.{key}"
     errors = _profile_errors(explicit_profile, group_names, profiles)
     # Every layer, and every profile (not only this host's): a typo never goes unnoticed.
-    layers = [(f"celery_worker_profiles.{name}", layer) for name, layer in sorted((profiles or {}).items())]
-    layers += [(variable, layer) for variable, layer in
-               _layers(defaults, "", {}, group_settings, host_settings) if "{" not in variable]
+    if not isinstance(profiles, dict):
+        errors.append(f"celery_worker_profiles must map group names to worker settings; got {_show(profiles)}.")
+        profiles = {}
+    layers = [(variable, layer) for variable, layer in _layers(defaults, "", {}, group_settings, host_settings)
+              if variable != "celery_worker_profiles."]
+    layers[1:1] = [(f"celery_worker_profiles.{name}", layer) for name, layer in sorted(profiles.items())]
     for variable, layer in layers:
         if not isinstance(layer, dict):
             errors.append(f"{variable} must be a mapping of worker settings; got {_show(layer)}.")
@@ -283,8 +295,14 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
         unknown = [f"{variable}.{key}" for key in layer if key not in spec]
         if unknown:
             errors.append(f"Unknown worker setting(s) {unknown}; allowed settings are {list(spec)}.")
-    if not errors:
-        errors = _setting_errors(settings, origins, spec)
+    # Layers replace, not merge, a dict (Ansible's default): a celery_worker_defaults overridden in an
+    # inventory without some settings would leave them unset.
+    missing = [key for key in spec if key not in settings]
+    if missing:
+        errors.append(f"Worker setting(s) {missing} are set in no layer: celery_worker_defaults must hold every "
+                      f"setting (an inventory that overrides it replaces the whole mapping).")
+    else:
+        errors += _setting_errors(settings, origins, spec)
     return {"profile": profile, "settings": settings, "origins": origins, "errors": errors}
 
 
@@ -292,7 +310,7 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
 
 
 def _batch_size(value, group_size):
-    """Ansible's serial arithmetic (pct_to_int): 'N%' of the hosts, at least 1; an integer as it is."""
+    """Ansible's serial arithmetic (pct_to_int): 'N%' of the hosts, at least 1; a number as it is."""
     if isinstance(value, str) and value.endswith("%"):
         return int(int(value[:-1]) / 100.0 * group_size) or 1
     return int(value)
@@ -300,40 +318,45 @@ def _batch_size(value, group_size):
 
 def _serial_errors(serial):
     values = serial if isinstance(serial, list) else [serial]
+    # As Ansible's serial: integers, numeric strings (-e celery_worker_rolling_serial=2) and percentages.
     good = bool(values) and all(
         (_is_integer(value) and value >= 1)
-        or (isinstance(value, str) and re.fullmatch(r"[1-9][0-9]?%|100%", value)) for value in values)
+        or (isinstance(value, str) and re.fullmatch(r"[1-9][0-9]*|[1-9][0-9]?%|100%", value)) for value in values)
     return [] if good else [
         f"celery_worker_rolling_serial must be a positive integer, a percentage from 1% to 100%, or a non-empty "
         f"list of those (batch sizes within each group, the last one repeated); got {_show(serial)}."]
 
 
-def rolling_plan(order, serial, groups, play_hosts):
+def rolling_plan(order, serial, groups, play_hosts, min_online=None):
     """Which hosts roll in which order and batch sizes, so that groups roll one after another, each with
     its own canary batch first, and no batch ever spans two groups.
 
     order: celery_worker_rolling_order (group names); serial: celery_worker_rolling_serial, applied to
     each group's hosts as Ansible applies a play's serial; groups: the inventory's groups; play_hosts: the
-    worker hosts of the run (after --limit). Returns {"hosts", "batches", "errors"}; a host in several of
-    the groups rolls with the first.
+    worker hosts of the run (after --limit); min_online: celery_worker_rolling_min_online, checked here.
+    Returns {"hosts", "batches", "errors"}; a host in several of the groups rolls with the first.
     """
-    errors = []
     if (not isinstance(order, list) or not order or not all(isinstance(group, str) for group in order)
             or len(set(order)) != len(order)):
         return {"hosts": [], "batches": [], "errors": [
             f"celery_worker_rolling_order must be a non-empty list of distinct inventory group names; got "
             f"{_show(order)}."]}
+    errors = []
     unknown = [group for group in order if group not in groups]
     if unknown:
         errors.append(f"celery_worker_rolling_order names group(s) the inventory does not have: {unknown} "
                       f"(order {order}).")
-    errors += _serial_errors(serial)
+    serial_errors = _serial_errors(serial)
+    errors += serial_errors
+    if min_online is not None and not (_is_integer(min_online) and min_online >= 0):
+        errors.append(f"celery_worker_rolling_min_online must be null or an integer >= 0; got {_show(min_online)}.")
     hosts, batches = [], []
-    serials = serial if isinstance(serial, list) else [serial]
+    # Planned even when the serial is refused, so that the order's own errors are told at the same time.
+    serials = [1] if serial_errors else (serial if isinstance(serial, list) else [serial])
     for group in order:
         members = [host for host in groups.get(group, []) if host in play_hosts and host not in hosts]
         group_size, position = len(members), 0
-        while members and not errors:
+        while members:
             size = min(_batch_size(serials[min(position, len(serials) - 1)], group_size), len(members))
             hosts += members[:size]
             batches.append(size)
@@ -342,7 +365,7 @@ def rolling_plan(order, serial, groups, play_hosts):
     if left_out and not unknown:
         errors.append(f"celery_worker_rolling_order {order} must together hold every worker host of the run; "
                       f"worker hosts in none of them: {left_out}.")
-    return {"hosts": hosts, "batches": batches, "errors": errors}
+    return {"hosts": hosts, "batches": batches if not errors else [], "errors": errors}
 
 
 def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queues):

@@ -70,7 +70,11 @@ def test_a_host_in_no_profiled_group_or_an_unknown_profile_is_refused():
 CASES = {
     "concurrency-zero": (
         {"host": {"concurrency": 0}},
-        ["celery_worker_host_settings.concurrency must be an integer >= 1 (a positive integer); got 0."]),
+        ["celery_worker_host_settings.concurrency must be an integer >= 1 and <= 10000 (a positive integer); "
+         "got 0."]),
+    "concurrency-in-the-millions": ({"host": {"concurrency": 10**9}}, ["<= 10000", "got 1000000000"]),
+    "instances-in-the-millions": ({"host": {"instances": 10**9}}, ["instances must be a positive integer up to 256"]),
+    "time-limit-of-a-year": ({"group": {"time_limit": 31536000}}, ["time_limit must be an integer >= 1 and <= 604800"]),
     "concurrency-not-an-integer": (
         {"host": {"concurrency": "eight"}}, ["celery_worker_host_settings.concurrency", "got 'eight'"]),
     "concurrency-a-boolean": ({"host": {"concurrency": True}}, ["concurrency", "got true"]),
@@ -97,6 +101,10 @@ CASES = {
         ["celery_worker_host_settings.prefetch_multiplier", "integer >= 1", "got -1"]),
     "node-name-without-host": ({"host": {"node_name": "web"}}, ["must look like name@host", "got 'web'"]),
     "node-name-with-a-space": ({"host": {"node_name": "web worker@%h"}}, ["no whitespace"]),
+    "node-name-with-a-newline": ({"host": {"node_name": "web@%h\n"}}, ["must look like name@host", "got 'web@%h\\n'"]),
+    "node-name-with-a-quote": ({"host": {"node_name": 'web"@%h'}}, ["must look like name@host"]),
+    "queue-with-a-newline": ({"host": {"queues": ["default\n"]}}, ["celery_worker_host_settings.queues"]),
+    "memory-max-not-a-string": ({"host": {"memory_max": 2}}, ["memory_max", "got 2"]),
     "bad-autoscale": ({"host": {"autoscale": {"max": 1, "min": 4}}}, ["autoscale", "N >= M >= 0"]),
     "autoscale-needs-prefork": ({"host": {"autoscale": {"max": 4, "min": 1}, "pool": "threads"}},
                                 ["needs pool prefork", "with pool threads"]),
@@ -125,6 +133,20 @@ def test_bad_settings_are_refused_naming_the_variable_the_value_and_what_is_allo
 def test_every_error_is_reported_at_once():
     result = layered(host={"concurrency": 0, "pool": "fork", "loglevel": "loud"})
     assert len(result["errors"]) == 3, result["errors"]
+    # An unknown key elsewhere does not hide them.
+    result = layered(group={"timelimit": 9}, host={"concurrency": 0})
+    assert len(result["errors"]) == 2 and "concurrency" in result["errors"][1], result["errors"]
+
+
+def test_a_defaults_mapping_replaced_without_some_settings_is_refused_not_crashed():
+    defaults = {key: value for key, value in DEFAULTS["celery_worker_defaults"].items() if key != "pool"}
+    result = cf.worker_settings(defaults, DEFAULTS["celery_worker_profiles"], "", ["web"], {}, {}, SETTING_SPEC)
+    assert "Worker setting(s) ['pool'] are set in no layer" in " ".join(result["errors"]), result["errors"]
+
+
+def test_a_profile_that_is_not_a_name_is_refused_not_crashed():
+    message = errors_of(profile=["web"])
+    assert "celery_worker_profile must be the name of a group" in message and "got ['web']" in message
 
 
 def test_choices_come_from_the_argument_spec():
@@ -158,6 +180,12 @@ def test_plan_of_one_group_holding_every_host():
     assert plan["batches"] == [1, 2, 2, 2, 2, 2]
 
 
+def test_plan_takes_serials_as_ansible_does_numbers_given_as_strings_included():
+    assert cf.rolling_plan(["workers"], "3", GROUPS, GROUPS["workers"])["batches"] == [3, 3, 3, 2]
+    assert cf.rolling_plan(["workers"], ["1", "50%"], GROUPS, GROUPS["workers"])["batches"] == [1, 5, 5]
+    assert cf.rolling_plan(["workers"], 2, GROUPS, GROUPS["workers"])["batches"] == [2] * 5 + [1]
+
+
 def test_plan_follows_the_run_s_hosts_under_limit():
     plan = cf.rolling_plan(["web", "batch", "gpu"], [1, "25%"], GROUPS, ["web2", "web4", "batch1"])
     assert plan["hosts"] == ["web2", "web4", "batch1"] and plan["batches"] == [1, 1, 1]
@@ -173,10 +201,24 @@ def test_plan_follows_the_run_s_hosts_under_limit():
     (["workers"], ["0%"], "got ['0%']"),
     (["workers"], "250%", "got '250%'"),
     (["workers"], [], "got []"),
+    (["workers"], [1, "x"], "got [1, 'x']"),
 ])
 def test_plan_refuses_orders_and_serials_that_cannot_roll_the_fleet(order, serial, phrase):
     plan = cf.rolling_plan(order, serial, GROUPS, GROUPS["workers"])
     assert phrase in " ".join(plan["errors"]), plan["errors"]
+    assert plan["batches"] == []
+
+
+def test_a_bad_serial_alone_does_not_blame_the_order():
+    assert cf.rolling_plan(["workers"], [0], GROUPS, GROUPS["workers"])["errors"] == [
+        "celery_worker_rolling_serial must be a positive integer, a percentage from 1% to 100%, or a non-empty list "
+        "of those (batch sizes within each group, the last one repeated); got [0]."]
+
+
+@pytest.mark.parametrize("min_online", [-1, "2", True, 1.5])
+def test_plan_refuses_a_min_online_that_is_not_a_count(min_online):
+    errors = cf.rolling_plan(["workers"], [1], GROUPS, GROUPS["workers"], min_online)["errors"]
+    assert "celery_worker_rolling_min_online must be null or an integer >= 0" in " ".join(errors)
 
 
 WEB_NODES = {"web1": {"web-worker@web1": ["default", "priority"]},

@@ -18,7 +18,11 @@ WATCHED = ["/etc/celery-fleet/celery.env", "/etc/celery-fleet/instances/web.env"
 CASES = {
     "concurrency-zero": (
         {"celery_worker_host_settings": {"concurrency": 0}},
-        ["celery_worker_host_settings.concurrency must be an integer >= 1 (a positive integer); got 0."]),
+        ["celery_worker_host_settings.concurrency must be an integer >= 1 and <= 10000 (a positive integer); "
+         "got 0."]),
+    "not-a-boolean": (
+        {"celery_worker_task_acks_late": "perhaps"},
+        ["celery_worker_task_acks_late", "perhaps", "bool"]),
     "unknown-setting": (
         {"celery_worker_group_settings": {"concurency": 8}},
         ["concurency", "celery_worker_group_settings"]),

@@ -51,8 +51,11 @@ class Fleet:
         self.host_groups = fleetload.worker_groups(INVENTORY, PROJECT)
         self.nodes = fleetload.discover_nodes(self.broker_url, EXPECTED_NODES)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
-        # A batch of N hosts rolls their instances one after another: at most N nodes out at once.
-        self.allowed_out = fleetload.allowed_out_of_service(self.host_groups)
+        # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
+        # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
+        # makes batches of one host in each (25% of 2 rounds down to 0, and a batch has at least one host).
+        self.allowed_out = {"web": 1, "batch": 1, "gpu": 1}
+        assert set(self.host_groups.values()) == set(self.allowed_out), self.host_groups
 
     def units(self):
         """{host: {unit: MainPID}} of every worker instance."""
