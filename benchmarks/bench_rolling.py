@@ -36,6 +36,9 @@ def parse_args():
     parser.add_argument("--inventory", default=str(PROJECT / "inventories" / "lab"))
     parser.add_argument("--broker-url", help="broker URL reachable from here (default: the lab's broker)")
     parser.add_argument("--result-url", help="result backend URL the ledger tasks write to (default: the lab's)")
+    parser.add_argument("--transport-options", default=None,
+                        help="JSON: the fleet's CELERY_BROKER_TRANSPORT_OPTIONS, required with --broker-url (a client "
+                             "with kombu's default visibility timeout would hand long tasks to a second worker)")
     parser.add_argument("--playbook", default="rolling_restart.yml")
     parser.add_argument("--extra-vars", action="append", default=[], help="passed to ansible-playbook")
     parser.add_argument("--serial", default=None,
@@ -47,14 +50,15 @@ def parse_args():
     parser.add_argument("--tail", type=float, default=10.0, help="seconds of load after the roll")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     parser.add_argument("--seed", type=int, default=4)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.broker_url and not args.transport_options:
+        parser.error("--broker-url needs --transport-options (the fleet's, from a worker's celery.env)")
+    return args
 
 
-def slots_per_queue(broker_url: str, nodes: dict) -> dict:
+def slots_per_queue(client, nodes: dict) -> dict:
     """{queue: pool slots consuming it} from each node's stats."""
-    from celery import Celery
-
-    app = Celery("bench-stats", broker=broker_url)
+    app = client.app("bench-stats")
     try:
         stats = app.control.inspect(timeout=2.0, limit=len(nodes)).stats() or {}
     finally:
@@ -159,23 +163,24 @@ def plot(path: Path, report: dict, samples: list[dict], node_groups: dict, title
 def main():
     args = parse_args()
     if args.broker_url:
-        broker_url, result_url = args.broker_url, args.result_url or args.broker_url
+        client = fleetload.FleetClient(args.broker_url, args.result_url or args.broker_url,
+                                       json.loads(args.transport_options))
     else:
-        broker_url, result_url = fleetload.lab_broker_urls(args.inventory, PROJECT)
+        client = fleetload.lab_client(args.inventory, PROJECT)
     host_groups = fleetload.worker_groups(args.inventory, PROJECT)
-    nodes = fleetload.discover_nodes(broker_url, hosts=host_groups)
+    nodes = fleetload.discover_nodes(client, hosts=host_groups)
     expected = len(nodes)
     node_groups = {node: host_groups[fleetload.node_host(node)] for node in nodes}
     serial = json.loads(args.serial) if args.serial else fleetload.ROLE_DEFAULTS["celery_worker_rolling_serial"]
     allowed = fleetload.allowed_out_of_service(host_groups, serial=serial)
-    slots = slots_per_queue(broker_url, nodes)
+    slots = slots_per_queue(client, nodes)
     if args.mode == "backlog":
         load_kwargs = {"backlog": {q: max(1, round(n * args.backlog_per_slot)) for q, n in slots.items()}}
     else:
         load_kwargs = {"rates": RATES}
     print(f"{expected} nodes, slots per queue {slots}, load {load_kwargs}", flush=True)
 
-    load = fleetload.Load(broker_url, result_url, nodes, seed=args.seed, **load_kwargs)
+    load = fleetload.Load(client, nodes, seed=args.seed, **load_kwargs)
     load.start()
     time.sleep(min(10.0, args.steady / 3))
     load.mark("steady_start")

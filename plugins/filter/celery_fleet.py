@@ -306,6 +306,41 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
     return {"profile": profile, "settings": settings, "origins": origins, "errors": errors}
 
 
+# --- Delivery settings every client shares -----------------------------------------------------------
+
+
+def fleet_time_limit(hosts_vars, defaults, profiles, spec):
+    """The longest hard time limit of every worker host given, from each host's own layers.
+
+    hosts_vars: the hostvars of the inventory's worker hosts (all of them, not only the run's: a host left
+    out by --limit still runs tasks that long). A host's inventory may override defaults and profiles;
+    otherwise the role's (defaults, profiles) apply. Hosts whose settings are invalid are left out
+    (preflight refuses them).
+    """
+    limits = []
+    for host_vars in hosts_vars:
+        result = worker_settings(host_vars.get("celery_worker_defaults", defaults),
+                                 host_vars.get("celery_worker_profiles", profiles),
+                                 host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
+                                 host_vars.get("celery_worker_group_settings", {}),
+                                 host_vars.get("celery_worker_host_settings", {}), spec)
+        if not result["errors"]:
+            limits.append(int(result["settings"]["time_limit"]))
+    return max(limits, default=0)
+
+
+def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeout):
+    """kombu's Redis transport options for the fleet: every client (workers, the control module, the load
+    tools) uses these, since any client that polls the broker restores unacknowledged messages older
+    than ITS visibility timeout, and the shortest one among the clients wins.
+
+    visibility_timeout 0: max(3600, the fleet's longest hard time limit + margin).
+    """
+    computed = int(visibility_timeout) or max(3600, int(fleet_time_limit) + int(margin))
+    return {"visibility_timeout": computed, "socket_timeout": float(socket_timeout),
+            "socket_connect_timeout": float(socket_timeout), "socket_keepalive": True}
+
+
 # --- Rolling: order and batches, capacity guard, drain deadline ---------------------------------------
 
 
@@ -418,4 +453,6 @@ class FilterModule:
             "celery_fleet_rolling_plan": rolling_plan,
             "celery_fleet_capacity_guard": capacity_guard,
             "celery_fleet_drain_timeout": drain_timeout,
+            "celery_fleet_fleet_time_limit": fleet_time_limit,
+            "celery_fleet_transport_options": transport_options,
         }

@@ -43,6 +43,20 @@ options:
     description: Seconds to wait for replies.
     type: float
     default: 2.0
+  transport_options:
+    description:
+      - "kombu's Redis transport options: the fleet's own (the role's C(_celery_worker_transport_options), as the
+        worker env file has them). The visibility timeout matters: any client that polls the broker puts back
+        unacknowledged messages older than its own, so a client with kombu's default (3600 s) would hand a
+        longer task to a second worker. The socket timeouts bound each broker operation."
+    type: dict
+    default: {}
+  deadline:
+    description:
+      - Seconds after which the whole call gives up and fails, whatever the broker does (one that accepts
+        connections and never answers included).
+    type: float
+    default: 30.0
 author: celery-fleet
 """
 
@@ -73,6 +87,8 @@ replies:
   type: dict
   returned: always
 """
+
+import signal
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
@@ -136,6 +152,35 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     return True, replies
 
 
+class DeadlineExceeded(Exception):
+    pass
+
+
+def within(seconds, function, *args, **kwargs):
+    """Call function, failing with DeadlineExceeded after `seconds` (SIGALRM: main thread only)."""
+
+    def expired(signum, frame):
+        raise DeadlineExceeded(f"no result within the deadline of {seconds} s (broker unresponsive?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def client_app(broker_url, transport_options):
+    """A Celery app that talks to the fleet's broker with the fleet's transport options. It tries to
+    connect twice, not forever (kombu's default): a broker that is down fails the call at once, and the
+    caller (a task's retries, a roll's deadline) decides whether to try again."""
+    options = dict(transport_options or {})
+    options.setdefault("max_retries", 1)
+    return Celery("celery_fleet_control", broker=broker_url, set_as_current=False,
+                  broker_transport_options=options)
+
+
 def main():
     module = AnsibleModule(
         argument_spec={
@@ -147,15 +192,18 @@ def main():
             "destination": {"type": "list", "elements": "str", "default": []},
             "queue": {"type": "str"},
             "timeout": {"type": "float", "default": 2.0},
+            "transport_options": {"type": "dict", "default": {}},
+            "deadline": {"type": "float", "default": 30.0},
         },
         required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"])],
         supports_check_mode=True,
     )
     if Celery is None:
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
-    app = Celery("celery_fleet_control", broker=module.params["broker_url"])
+    app = client_app(module.params["broker_url"], module.params["transport_options"])
     try:
-        changed, replies = run(
+        changed, replies = within(
+            module.params["deadline"], run,
             app, module.params["action"], module.params["method"], module.params["destination"],
             module.params["queue"], module.params["timeout"], module.check_mode,
         )

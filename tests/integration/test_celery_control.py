@@ -1,10 +1,12 @@
 """celery_control against a real Redis and a real Celery worker on loopback (no mocks)."""
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,3 +165,97 @@ def test_consumer_actions_fail_when_a_named_node_does_not_answer(worker):
         celery_control.run(worker, "cancel_consumer", queue="default", destination=[NODE, "nobody@nowhere"],
                            timeout=0.5)
     assert queues_of(worker) == {"default", "priority"}
+
+
+# --- Bounded calls and the fleet's transport options (what every client of the fleet must use) ---------
+
+FLEET_OPTIONS = {"visibility_timeout": 4500, "socket_timeout": 2.0, "socket_connect_timeout": 2.0,
+                 "socket_keepalive": True}
+
+
+@pytest.fixture
+def silent_peer():
+    """A TCP peer that accepts connections and never answers: a hung broker."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    stop.set()
+    thread.join(5)
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def test_a_control_call_against_a_broker_that_never_answers_fails_within_its_bound(silent_peer):
+    app = celery_control.client_app(silent_peer, FLEET_OPTIONS)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        celery_control.within(20, celery_control.run, app, "inspect", "active_queues", timeout=1)
+    elapsed = time.monotonic() - started
+    app.close()
+    # The socket timeout (2 s per operation, a couple of attempts) ends it; the deadline is the backstop.
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_the_deadline_ends_any_call():
+    started = time.monotonic()
+    with pytest.raises(celery_control.DeadlineExceeded, match="deadline of 0.5 s"):
+        celery_control.within(0.5, time.sleep, 5)
+    assert time.monotonic() - started < 2
+
+
+def test_a_control_call_to_a_stopped_broker_fails_at_once():
+    port = free_port()  # nothing listens there
+    app = celery_control.client_app(f"redis://127.0.0.1:{port}/0", FLEET_OPTIONS)
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        celery_control.within(20, celery_control.run, app, "ping", timeout=1)
+    app.close()
+    assert time.monotonic() - started < 15
+
+
+def unacked_message_aged(broker_url, age):
+    """One task message left unacknowledged `age` seconds ago, as kombu's Redis transport records it
+    (the `unacked` hash and its `unacked_index` by delivery time), with the queue empty."""
+    import redis as redis_client
+    from celery import Celery
+
+    client = redis_client.Redis.from_url(broker_url)
+    client.delete("aged", "unacked", "unacked_index")
+    sender = Celery("unit-test-sender", broker=broker_url, set_as_current=False)
+    sender.send_task("celery_fleet_app.tasks.whoami", queue="aged")
+    sender.close()
+    raw = client.rpop("aged")
+    tag = "aged-delivery-tag"
+    client.hset("unacked", tag, json.dumps([json.loads(raw), "aged", "aged"]))
+    client.zadd("unacked_index", {tag: time.time() - age})
+    return client
+
+
+@pytest.mark.parametrize("options, restored", [({}, True), (FLEET_OPTIONS, False)],
+                         ids=["kombu-default-3600s", "the-fleet-s-4500s"])
+def test_a_control_call_restores_unacked_messages_older_than_its_own_visibility_timeout(broker_url, options,
+                                                                                       restored):
+    """kombu's restore sweep runs in every client that polls the broker (here a ping waiting for replies):
+    with kombu's default 3600 s a control call hands a task delivered 4000 s ago (still running, under a
+    3900 s hard limit) to a second worker; with the fleet's timeout it leaves it alone."""
+    client = unacked_message_aged(broker_url, 4000)
+    app = celery_control.client_app(broker_url, options)
+    celery_control.run(app, "ping", timeout=0.5)
+    app.close()
+    assert (client.llen("aged"), client.hlen("unacked")) == ((1, 0) if restored else (0, 1))
+    client.delete("aged", "unacked", "unacked_index")

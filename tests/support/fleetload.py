@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -86,8 +87,39 @@ def task_results(output: str) -> dict:
     return tasks
 
 
-def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT):
-    """(broker URL, result backend URL) of the lab's broker, reachable from the controller.
+@dataclass
+class FleetClient:
+    """How a client reaches the fleet: broker and result URLs, and the fleet's transport options (the
+    visibility timeout above all: a client with kombu's default would hand long tasks to a second worker)."""
+
+    broker_url: str
+    result_url: str
+    transport_options: dict = field(default_factory=dict)
+
+    def app(self, name: str) -> Celery:
+        return Celery(name, broker=self.broker_url, set_as_current=False,
+                      broker_transport_options=dict(self.transport_options))
+
+    def redis(self, url: str | None = None) -> redis.Redis:
+        timeout = self.transport_options.get("socket_timeout")
+        return redis.Redis.from_url(url or self.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def env_file(container: str, path: str = "/etc/celery-fleet/celery.env") -> dict:
+    """The variables of an env file on a lab host (VAR="value" or VAR='value' lines)."""
+    text = subprocess.run(["docker", "exec", container, "cat", path], capture_output=True, text=True,
+                          check=True).stdout
+    variables = {}
+    for line in text.splitlines():
+        name, equals, value = line.partition("=")
+        if equals and not name.startswith("#"):
+            variables[name.strip()] = value.strip().strip("'\"")
+    return variables
+
+
+def lab_client(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT) -> FleetClient:
+    """The lab's broker, reachable from the controller, with the transport options its workers use: read
+    from a worker's env file, the one place the role writes them.
 
     The lab's hosts are containers: their names resolve only on the lab network, so the broker's
     container address is asked from Docker.
@@ -101,7 +133,10 @@ def lab_broker_urls(inventory: str | Path = PROJECT / "inventories" / "lab", pro
         capture_output=True, text=True, check=True).stdout.split()[0]
     password = quote(hostvars["vault_celery_broker_password"], safe="")
     port = hostvars.get("celery_broker_port", 6379)
-    return f"redis://:{password}@{address}:{port}/0", f"redis://:{password}@{address}:{port}/1"
+    worker_host = next(iter(worker_groups(inventory, project)))
+    worker_container = listing["_meta"]["hostvars"][worker_host].get("ansible_host", worker_host)
+    options = json.loads(env_file(worker_container)["CELERY_BROKER_TRANSPORT_OPTIONS"])
+    return FleetClient(f"redis://:{password}@{address}:{port}/0", f"redis://:{password}@{address}:{port}/1", options)
 
 
 def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT) -> dict:
@@ -143,9 +178,9 @@ def node_host(node: str) -> str:
 class Ledger:
     """The Redis list the ledger tasks append to, one JSON record per execution."""
 
-    def __init__(self, result_url: str, key: str | None = None):
+    def __init__(self, client: FleetClient, key: str | None = None):
         self.key = key or f"celery-fleet:ledger:{uuid.uuid4().hex[:12]}"
-        self.client = redis.Redis.from_url(result_url)
+        self.client = client.redis(client.result_url)
 
     def records(self) -> list[dict]:
         return [json.loads(raw) for raw in self.client.lrange(self.key, 0, -1)]
@@ -171,13 +206,13 @@ class Producer(threading.Thread):
     backlog: {queue: messages}: keeps each queue's Redis list at least this long (saturation).
     """
 
-    def __init__(self, broker_url: str, ledger: Ledger, rates: dict | None = None, backlog: dict | None = None,
+    def __init__(self, client: FleetClient, ledger: Ledger, rates: dict | None = None, backlog: dict | None = None,
                  durations=(0.0, 5.0), seed: int = 4):
         super().__init__(name="fleetload-producer", daemon=True)
         if bool(rates) == bool(backlog):
             raise ValueError("give either rates or backlog")
-        self.app = Celery("fleetload-producer", broker=broker_url)
-        self.broker = redis.Redis.from_url(broker_url)
+        self.app = client.app("fleetload-producer")
+        self.broker = client.redis()
         self.ledger = ledger
         self.rates, self.backlog = rates or {}, backlog or {}
         self.durations = durations
@@ -225,10 +260,10 @@ class Producer(threading.Thread):
 class Monitor(threading.Thread):
     """Samples which nodes are in service (answer, and consume all of their queues) and queue depths."""
 
-    def __init__(self, broker_url: str, nodes: dict, interval: float = 0.25, timeout: float = 0.5):
+    def __init__(self, client: FleetClient, nodes: dict, interval: float = 0.25, timeout: float = 0.5):
         super().__init__(name="fleetload-monitor", daemon=True)
-        self.app = Celery("fleetload-monitor", broker=broker_url)
-        self.broker = redis.Redis.from_url(broker_url)
+        self.app = client.app("fleetload-monitor")
+        self.broker = client.redis()
         self.nodes = {node: set(queues) for node, queues in nodes.items()}
         self.queues = sorted(set().union(*self.nodes.values()))
         self.interval, self.timeout = interval, timeout
@@ -268,13 +303,13 @@ class Monitor(threading.Thread):
         self.app.close()
 
 
-def discover_nodes(broker_url: str, expected: int | None = None, timeout: float = 30.0, hosts=None) -> dict:
+def discover_nodes(client: FleetClient, expected: int | None = None, timeout: float = 30.0, hosts=None) -> dict:
     """{node: [queues]} of the online, consuming nodes.
 
     expected: wait until that many answer. None: collect every reply for 2 s (no early return), until
     each of `hosts` runs at least one node. AssertionError when the timeout passes first.
     """
-    app = Celery("fleetload-discover", broker=broker_url)
+    app = client.app("fleetload-discover")
     try:
         deadline = time.monotonic() + timeout
         replies = {}
@@ -298,11 +333,11 @@ def discover_nodes(broker_url: str, expected: int | None = None, timeout: float 
 class Load:
     """Producer + monitor + ledger around an operation: start(), run the operation, finish()."""
 
-    def __init__(self, broker_url: str, result_url: str, nodes: dict, rates=None, backlog=None, seed: int = 4,
+    def __init__(self, client: FleetClient, nodes: dict, rates=None, backlog=None, seed: int = 4,
                  monitor_interval: float = 0.25):
-        self.ledger = Ledger(result_url)
-        self.producer = Producer(broker_url, self.ledger, rates=rates, backlog=backlog, seed=seed)
-        self.monitor = Monitor(broker_url, nodes, interval=monitor_interval)
+        self.ledger = Ledger(client)
+        self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed)
+        self.monitor = Monitor(client, nodes, interval=monitor_interval)
         self.nodes = nodes
         self.marks: dict[str, float] = {}
         self.starts: Counter = Counter()

@@ -1,8 +1,11 @@
 """Each worker host: its user, files, units and systemd settings."""
 
+import json
 import re
 
 import pytest
+
+from fleet import run_python
 
 testinfra_hosts = ["ansible://workers"]
 
@@ -30,8 +33,19 @@ def test_environment_file_is_not_world_readable(host):
 
 def test_visibility_timeout_exceeds_the_longest_hard_limit(host):
     env = host.file("/etc/celery-fleet/celery.env").content_string
-    line = next(ln for ln in env.splitlines() if ln.startswith("CELERY_BROKER_VISIBILITY_TIMEOUT="))
-    assert int(line.split("=", 1)[1].strip('"')) > max(HARD_TIME_LIMIT.values())
+    line = next(ln for ln in env.splitlines() if ln.startswith("CELERY_BROKER_TRANSPORT_OPTIONS="))
+    options = json.loads(line.split("=", 1)[1].strip("'"))
+    assert options["visibility_timeout"] > max(HARD_TIME_LIMIT.values())
+    assert options["socket_timeout"] > 0 and options["socket_connect_timeout"] > 0
+
+
+def test_the_worker_runs_with_the_fleet_s_transport_options(host):
+    """What the worker's app really holds, not only what the file says."""
+    options = run_python(host, "import json; from celery_fleet_app import app; "
+                               "print(json.dumps(app.conf.broker_transport_options))")
+    env = host.file("/etc/celery-fleet/celery.env").content_string
+    line = next(ln for ln in env.splitlines() if ln.startswith("CELERY_BROKER_TRANSPORT_OPTIONS="))
+    assert options == json.loads(line.split("=", 1)[1].strip("'"))
 
 
 def test_current_points_at_a_release_with_an_offline_venv(host):

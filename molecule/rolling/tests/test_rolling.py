@@ -47,9 +47,9 @@ def lab_host(name):
 
 class Fleet:
     def __init__(self):
-        self.broker_url, self.result_url = fleetload.lab_broker_urls(INVENTORY, PROJECT)
+        self.client = fleetload.lab_client(INVENTORY, PROJECT)
         self.host_groups = fleetload.worker_groups(INVENTORY, PROJECT)
-        self.nodes = fleetload.discover_nodes(self.broker_url, EXPECTED_NODES)
+        self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
         # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
         # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
@@ -84,7 +84,7 @@ def run_playbook(playbook, *extra_args):
 
 def roll_under_load(fleet, playbook, *extra_args):
     """Run a playbook while the producer sends tasks; return (rc, output, report) (report["records"]: the ledger)."""
-    load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
+    load = fleetload.Load(fleet.client, fleet.nodes, rates=RATES)
     load.start()
     time.sleep(WARMUP)
     load.mark("roll_start")
@@ -174,7 +174,7 @@ def test_capacity_guard_refuses_to_drain_below_the_minimum(fleet):
             "Nothing was drained or stopped.") in message, output[-4000:]
     # Nothing was drained or restarted.
     assert fleet.units() == before
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
 
 
 def test_a_dry_run_changes_nothing(fleet):
@@ -183,7 +183,7 @@ def test_a_dry_run_changes_nothing(fleet):
     assert rc == 0, output[-4000:]
     assert "PLAY [Roll the worker groups in order, a canary batch first in each]" in output
     assert fleet.units() == before
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
 
 
 def test_a_roll_that_would_leave_a_host_out_is_refused(fleet):
@@ -214,7 +214,7 @@ def test_rolling_restart_under_load_loses_nothing(fleet):
             assert after[name][unit] != pid, f"{name} {unit} was not restarted"
     assert_warm_stops_only(fleet, since, before)
     assert_drained_before_stop(fleet, since, before, report["records"])
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
 
 
 def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
@@ -238,7 +238,7 @@ def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
 
 def releases_running(fleet, timeout=60):
     """{node: releases its tasks ran on}, under load until every node has run at least one task."""
-    load = fleetload.Load(fleet.broker_url, fleet.result_url, fleet.nodes, rates=RATES)
+    load = fleetload.Load(fleet.client, fleet.nodes, rates=RATES)
     load.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and {r["node"] for r in load.ledger.records()} != set(fleet.nodes):
@@ -278,7 +278,7 @@ def failed_upgrade_under_load(fleet, failing_host, release, source, **extra_vars
     assert {name: units for name, units in after.items() if name != failing_host} == {
         name: units for name, units in before.items() if name != failing_host}, (
         f"a host other than {failing_host} changed")
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
     assert_every_task_ran_exactly_once(report)
     assert_capacity_kept(report)
     return " ".join(output.split()), output, report, before, since, releases
@@ -331,6 +331,6 @@ def test_a_drain_that_times_out_leaves_the_node_running_and_consuming(fleet):
             "web-worker@web1 still had") in message and "after the drain timeout of 2 s" in message, output[-4000:]
     assert "put back on its previous release and is consuming again" in message
     assert fleet.units() == before, "a worker was stopped"
-    assert fleetload.discover_nodes(fleet.broker_url, EXPECTED_NODES) == fleet.nodes
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
     assert_every_task_ran_exactly_once(report, minimum=50)  # a short run: about 30 s of load
     assert_capacity_kept(report)
