@@ -433,6 +433,18 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
             "refusal": refusal}
 
 
+def consumers_to_restore(expected, active_queues):
+    """[[node, queue], ...] for each queue a node answered without consuming although it should: what a
+    run stopped mid-drain leaves behind (the node runs, and consumes nothing). Nodes that did not answer
+    are not in it."""
+    missing = []
+    for node in sorted(expected):
+        if node in (active_queues or {}):
+            consumed = {queue.get("name") for queue in active_queues[node] or []}
+            missing += [[node, queue] for queue in sorted(expected[node]) if queue not in consumed]
+    return missing
+
+
 def drain_timeout(settings, margin):
     """Seconds a drained node may take to finish: each slot may hold prefetch_multiplier tasks, each up to
     the hard time limit, plus a margin."""
@@ -453,6 +465,7 @@ class FilterModule:
             "celery_fleet_rolling_plan": rolling_plan,
             "celery_fleet_capacity_guard": capacity_guard,
             "celery_fleet_drain_timeout": drain_timeout,
+            "celery_fleet_consumers_to_restore": consumers_to_restore,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
         }

@@ -71,6 +71,38 @@ def run_playbook(playbook: str, *extra_args: str, inventory: str | Path, project
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 
 
+def kill_playbook_when(playbook: str, *extra_args: str, inventory: str | Path, marker: str, occurrence: int = 1,
+                       project: Path = PROJECT, timeout: float = 600, after: float = 0.0) -> str:
+    """Run playbooks/<playbook> and SIGKILL it (its whole process group, forks included, as a lost SSH
+    session or an OOM kill would) `after` seconds after `marker` appears in its output for the
+    `occurrence`-th time. Returns the output up to then. AssertionError when the run ends, or the timeout
+    passes, before that."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(["ansible-playbook", "-i", str(inventory), str(project / "playbooks" / playbook),
+                                    *extra_args], stdout=log, stderr=subprocess.STDOUT, env=ansible_env(project),
+                                   cwd=project, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                log.seek(0)
+                output = log.read()
+                if output.count(marker) >= occurrence:
+                    break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{marker!r} never appeared (rc {process.poll()}):\n{output[-3000:]}")
+                time.sleep(0.1)
+            time.sleep(after)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+        log.seek(0)
+        return re.sub(r"\x1b\[[0-9;]*m", "", log.read())
+
+
 def recap(output: str) -> dict:
     """{host: {"ok", "changed", "unreachable", "failed"}} from a playbook's PLAY RECAP (the last one a host has)."""
     return {host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
@@ -303,8 +335,9 @@ class Monitor(threading.Thread):
         self.app.close()
 
 
-def discover_nodes(client: FleetClient, expected: int | None = None, timeout: float = 30.0, hosts=None) -> dict:
-    """{node: [queues]} of the online, consuming nodes.
+def discover_nodes(client: FleetClient, expected: int | None = None, timeout: float = 30.0, hosts=None,
+                   consuming: bool = True) -> dict:
+    """{node: [queues]} of the online, consuming nodes (consuming=False: of the online ones, consuming or not).
 
     expected: wait until that many answer. None: collect every reply for 2 s (no early return), until
     each of `hosts` runs at least one node. AssertionError when the timeout passes first.
@@ -320,7 +353,7 @@ def discover_nodes(client: FleetClient, expected: int | None = None, timeout: fl
             else:
                 replies = app.control.inspect(timeout=2.0).active_queues() or {}
                 done = bool(replies) and set(hosts or []) <= {node_host(node) for node in replies}
-            if done and all(replies.values()):
+            if done and (all(replies.values()) or not consuming):
                 return {node: sorted(q["name"] for q in queues) for node, queues in replies.items()}
         raise AssertionError(f"expected {expected or hosts} consuming, got {sorted(replies)}")
     finally:

@@ -253,3 +253,29 @@ def test_guard_min_online_overrides_and_unknown_hosts_need_it():
 def test_drain_timeout_is_prefetch_times_the_hard_limit_plus_the_margin():
     assert cf.drain_timeout({"prefetch_multiplier": 4, "time_limit": 360}, 30) == 1470
     assert cf.drain_timeout({"prefetch_multiplier": "1", "time_limit": "2"}, "0") == 2
+
+
+def test_consumers_to_restore_are_the_queues_an_answering_node_lacks():
+    expected = {"web-worker@web1": ["default", "priority"], "web-worker@web2": ["default", "priority"],
+                "batch-worker@batch1": ["batch"]}
+    replies = {"web-worker@web1": [], "web-worker@web2": [{"name": "priority"}, {"name": "extra"}]}
+    assert cf.consumers_to_restore(expected, replies) == [
+        ["web-worker@web1", "default"], ["web-worker@web1", "priority"], ["web-worker@web2", "default"]]
+    assert cf.consumers_to_restore(expected, {}) == []
+
+
+def test_transport_options_put_the_visibility_timeout_above_the_fleet_s_longest_task():
+    options = cf.transport_options(3900, 0, 600, 30)
+    assert options == {"visibility_timeout": 4500, "socket_timeout": 30.0, "socket_connect_timeout": 30.0,
+                       "socket_keepalive": True}
+    assert cf.transport_options(360, 0, 600, 5)["visibility_timeout"] == 3600
+    assert cf.transport_options(360, 7200, 600, 5)["visibility_timeout"] == 7200
+
+
+def test_the_fleet_s_longest_task_counts_every_worker_host_each_with_its_own_layers():
+    hosts = [{"group_names": ["web"]},
+             {"group_names": ["batch"], "celery_worker_host_settings": {"time_limit": 3900, "soft_time_limit": 3800}},
+             {"group_names": ["web", "gpu"]}]  # refused by its own preflight: left out here
+    assert cf.fleet_time_limit(hosts, DEFAULTS["celery_worker_defaults"], DEFAULTS["celery_worker_profiles"],
+                               SETTING_SPEC) == 3900
+    assert cf.fleet_time_limit([], DEFAULTS["celery_worker_defaults"], {}, SETTING_SPEC) == 0

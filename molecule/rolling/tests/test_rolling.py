@@ -36,6 +36,7 @@ COOLDOWN = 5  # seconds of load after it ends
 NEW_RELEASE = "1.1.0"
 BROKEN_RELEASE = "1.2.0-broken"
 GPU1_BROKEN_RELEASE = "1.3.0-broken-on-gpu-1"
+DEPLOYED_BROKEN_RELEASE = "1.5.0-broken"
 # Lines that mean a task or a worker was killed, or a stop did not end warmly.
 KILLED = re.compile(r"WorkerLostError|SIGKILL|status=9/KILL|code=killed|Cold shutdown|[Tt]imed out|"
                     r"Killing process|Failed with result '(timeout|signal|oom-kill)'")
@@ -84,11 +85,16 @@ def run_playbook(playbook, *extra_args):
 
 def roll_under_load(fleet, playbook, *extra_args):
     """Run a playbook while the producer sends tasks; return (rc, output, report) (report["records"]: the ledger)."""
+    return under_load(fleet, lambda: run_playbook(playbook, *extra_args), f"{playbook} {' '.join(extra_args)}")
+
+
+def under_load(fleet, operation, label):
+    """Run operation() -> (rc, output) while the producer sends tasks; return (rc, output, report)."""
     load = fleetload.Load(fleet.client, fleet.nodes, rates=RATES)
     load.start()
     time.sleep(WARMUP)
     load.mark("roll_start")
-    rc, output = run_playbook(playbook, *extra_args)
+    rc, output = operation()
     load.mark("roll_end")
     time.sleep(COOLDOWN)
     records = load.finish()
@@ -101,7 +107,7 @@ def roll_under_load(fleet, playbook, *extra_args):
                                             "sent_per_queue", "ran_per_node", "ran_per_release",
                                             "max_out_of_service", "allowed_out_of_service", "samples")}
     summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
-    print(f"{playbook} {' '.join(extra_args)}: {json.dumps(summary, sort_keys=True)}")
+    print(f"{label}: {json.dumps(summary, sort_keys=True)}")
     report["records"] = records
     return rc, output, report
 
@@ -259,7 +265,7 @@ def broken_copy(tmp_path, condition="True"):
     return source
 
 
-def failed_upgrade_under_load(fleet, failing_host, release, source, **extra_vars):
+def failed_upgrade_under_load(fleet, failing_host, release, source, playbook="upgrade.yml", **extra_vars):
     """Upgrade to a release that fails on `failing_host`, under load. Checks what every failed upgrade
     must leave: the run failed, no host's release changed, no host but `failing_host` was touched,
     every node consumes again, no task was lost or run twice, capacity was kept.
@@ -268,7 +274,7 @@ def failed_upgrade_under_load(fleet, failing_host, release, source, **extra_vars
     before = fleet.units()
     since = time.time()
     rc, output, report = roll_under_load(
-        fleet, "upgrade.yml", "--extra-vars",
+        fleet, playbook, "--extra-vars",
         json.dumps({"celery_worker_release": release, "celery_worker_app_source": str(source),
                     "celery_worker_rolling_start_timeout": 30, **extra_vars}))
     assert rc != 0, output[-4000:]
@@ -334,3 +340,97 @@ def test_a_drain_that_times_out_leaves_the_node_running_and_consuming(fleet):
     assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
     assert_every_task_ran_exactly_once(report, minimum=50)  # a short run: about 30 s of load
     assert_capacity_kept(report)
+
+
+def test_a_plain_deploy_of_a_release_that_cannot_import_stops_at_the_canary_and_puts_it_back(fleet, tmp_path):
+    """site.yml with a new release on a running fleet: it changes running instances only through the roll's
+    drain, warm stop, start and health check, canary first. The broken release stops the deploy at web1,
+    which goes back to its release; no other host's release or process changed; nothing lost."""
+    message, output, report, before, since, releases = failed_upgrade_under_load(
+        fleet, "web1", DEPLOYED_BROKEN_RELEASE, broken_copy(tmp_path), playbook="site.yml")
+    assert "Rolling upgrade failed on web1, instance web (web-worker@web1), at step 'health check'" in message, (
+        output[-4000:])
+    assert "put back on its previous release and is consuming again" in message
+    assert "PLAY [Report the fleet" not in output
+    assert_warm_stops_only(fleet, since, {"web1": ["celery-worker@web.service"]})
+    assert_drained_before_stop(fleet, since, {"web1": {"celery-worker@web.service": before["web1"][
+        "celery-worker@web.service"]}}, report["records"])
+
+
+# --- A run that stops half-way, and a broker that is gone -------------------------------------------
+
+DRAIN_WAIT = "TASK [celery_worker : Drain: wait until the node has no reserved and no active task]"
+INTERRUPTED_RELEASE = "1.4.0"
+
+
+def test_a_roll_with_the_broker_stopped_refuses_in_seconds_and_drains_nothing(fleet):
+    broker = lab_host("broker1")
+    before = fleet.units()
+    broker.check_output("systemctl stop redis-server")
+    try:
+        started = time.monotonic()
+        rc, output = run_playbook("rolling_restart.yml")
+        seconds = time.monotonic() - started
+    finally:
+        broker.check_output("systemctl start redis-server")
+    print(f"roll with the broker stopped: refused after {seconds:.1f} s")
+    assert rc != 0, output[-4000:]
+    assert "Wait until the host's nodes answer" in output and "celery control inspect failed" in output, (
+        output[-4000:])
+    assert "PLAY [Roll the worker groups" not in output
+    assert fleet.units() == before, "a worker was stopped or restarted"
+    # The workers reconnect by themselves and consume again.
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES, timeout=60) == fleet.nodes
+
+
+def test_a_roll_killed_mid_drain_leaves_state_the_next_run_finishes(fleet):
+    """SIGKILL of ansible-playbook (and its forks) while web1 drains: web1 is left consuming nothing. The
+    next run gives it its queues back before any capacity is counted, then rolls everything; no task is
+    lost or run twice across both runs."""
+    before = fleet.units()
+
+    def killed_then_rerun():
+        killed = fleetload.kill_playbook_when("rolling_restart.yml", inventory=INVENTORY, marker=DRAIN_WAIT,
+                                              after=0.5)
+        # The run died after cancel_consumer: web1 runs and consumes nothing.
+        left = fleetload.discover_nodes(fleet.client, timeout=10, hosts=["web1", "web2", "batch1", "gpu1"],
+                                        consuming=False)
+        assert left["web-worker@web1"] == [], (left, killed[-3000:])
+        return run_playbook("rolling_restart.yml")
+
+    rc, output, report = under_load(fleet, killed_then_rerun, "rolling_restart.yml killed mid-drain, then again")
+    assert rc == 0, output[-4000:]
+    assert "Give each drained node its queues back" in output
+    assert_every_task_ran_exactly_once(report)
+    after = fleet.units()
+    assert all(after[name][unit] != pid for name, units in before.items() for unit, pid in units.items())
+    assert fleetload.discover_nodes(fleet.client, EXPECTED_NODES) == fleet.nodes
+
+
+def test_an_upgrade_killed_after_switching_some_hosts_is_finished_by_the_next_run(fleet):
+    """SIGKILL once web1 and web2 run the new release and batch1 is next: the re-run finds web1 and web2
+    already on it, still knows the release to go back to (recorded on each host when it switched), and
+    ends with every node on the new release, no task lost or run twice."""
+    old = fleet.releases()
+    assert len(set(old.values())) == 1 and INTERRUPTED_RELEASE not in old.values()
+    upgrade = ("--extra-vars", f"celery_worker_release={INTERRUPTED_RELEASE}")
+
+    def killed_then_rerun():
+        # One play, one batch after another: web1, web2, then batch1.
+        fleetload.kill_playbook_when("upgrade.yml", *upgrade, inventory=INVENTORY,
+                                     marker="PLAY [Roll the worker groups in order", occurrence=3)
+        switched = fleet.releases()
+        assert (switched["web1"], switched["web2"], switched["batch1"]) == (
+            INTERRUPTED_RELEASE, INTERRUPTED_RELEASE, old["batch1"]), switched
+        previous = lab_host("web1").check_output("readlink /opt/celery-fleet/previous")
+        assert os.path.basename(previous) == old["web1"], previous
+        return run_playbook("upgrade.yml", *upgrade)
+
+    rc, output, report = under_load(fleet, killed_then_rerun, "upgrade.yml killed half-way, then again")
+    assert rc == 0, output[-4000:]
+    assert_every_task_ran_exactly_once(report)
+    assert set(fleet.releases().values()) == {INTERRUPTED_RELEASE}
+    assert releases_running(fleet) == {node: {INTERRUPTED_RELEASE} for node in fleet.nodes}
+    for name in ("web1", "batch1"):
+        previous = lab_host(name).check_output("readlink /opt/celery-fleet/previous")
+        assert os.path.basename(previous) == old[name], (name, previous)
