@@ -346,16 +346,23 @@ def discover_nodes(client: FleetClient, expected: int | None = None, timeout: fl
     try:
         deadline = time.monotonic() + timeout
         replies = {}
+        errors = []
         while time.monotonic() < deadline:
-            if expected:
-                replies = app.control.inspect(timeout=1.0, limit=expected).active_queues() or {}
-                done = len(replies) >= expected
-            else:
-                replies = app.control.inspect(timeout=2.0).active_queues() or {}
-                done = bool(replies) and set(hosts or []) <= {node_host(node) for node in replies}
+            try:
+                if expected:
+                    replies = app.control.inspect(timeout=1.0, limit=expected).active_queues() or {}
+                    done = len(replies) >= expected
+                else:
+                    replies = app.control.inspect(timeout=2.0).active_queues() or {}
+                    done = bool(replies) and set(hosts or []) <= {node_host(node) for node in replies}
+            except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError, OSError) as error:
+                # A broker (re)starting: wait for it, as the nodes do.
+                errors.append(repr(error))
+                time.sleep(1)
+                continue
             if done and (all(replies.values()) or not consuming):
                 return {node: sorted(q["name"] for q in queues) for node, queues in replies.items()}
-        raise AssertionError(f"expected {expected or hosts} consuming, got {sorted(replies)}")
+        raise AssertionError(f"expected {expected or hosts} consuming, got {sorted(replies)} (errors: {errors[-3:]})")
     finally:
         app.close()
 
