@@ -35,6 +35,10 @@ CASES = {
     "unsupported-broker-scheme": (
         {"celery_worker_broker_url": "amqp://guest:guest@broker1:5672//"},
         ["celery_worker_broker_url", "'redis', 'rediss'", "got 'amqp://...'"]),
+    "memory-cap-on-the-queue-instance": (
+        {"celery_broker_maxmemory": "2gb"},
+        ["celery_broker_maxmemory must be \"0\" (no cap) on the queue instance; got \"2gb\"",
+         "refuses the write that records it as unacknowledged"]),
     "release-id-with-a-path": (
         {"celery_worker_release": "../../etc"},
         ["celery_worker_release must start with a letter or digit", "got \"../../etc\""]),

@@ -40,3 +40,29 @@ def test_one_phase_runs_on_its_own(tag):
                   "celery_worker_run": "Start and enable every worker instance"}[tag]
     assert phase_task in output
     assert "Install the application into the release virtualenv" not in output
+
+
+def redis_state():
+    broker = lab_host("broker1")
+    password = broker.check_output("sed -n 's/^requirepass //p' /etc/redis/redis.conf")
+    fsync = broker.check_output(f"REDISCLI_AUTH='{password}' redis-cli --no-auth-warning config get appendfsync")
+    return broker.check_output("systemctl show -p MainPID --value redis-server"), fsync.split()[-1]
+
+
+def test_a_broker_configuration_change_never_restarts_redis_unasked():
+    """A restart drops every worker's connection: a changed redis.conf is written, Redis keeps running with
+    the old one, and the run says so. (Last in this file: it leaves the file as it found it.)"""
+    pid, fsync = redis_state()
+    assert fsync == "everysec"
+    try:
+        rc, output = fleetload.run_playbook("site.yml", "--tags", "celery_broker_configure", "--extra-vars",
+                                            "celery_broker_appendfsync=always", inventory=INVENTORY, timeout=300)
+        assert rc == 0, output[-4000:]
+        assert "keeps running with the old one until it is restarted" in output, output[-4000:]
+        assert "appendfsync always" in lab_host("broker1").file("/etc/redis/redis.conf").content_string
+        assert redis_state() == (pid, "everysec")
+    finally:
+        rc, output = fleetload.run_playbook("site.yml", "--tags", "celery_broker_configure", inventory=INVENTORY,
+                                            timeout=300)
+    assert rc == 0, output[-4000:]
+    assert redis_state() == (pid, "everysec")
