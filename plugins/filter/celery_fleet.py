@@ -314,8 +314,7 @@ def fleet_time_limit(hosts_vars, defaults, profiles, spec):
 
     hosts_vars: the hostvars of the inventory's worker hosts (all of them, not only the run's: a host left
     out by --limit still runs tasks that long). A host's inventory may override defaults and profiles;
-    otherwise the role's (defaults, profiles) apply. Hosts whose settings are invalid are left out
-    (preflight refuses them).
+    otherwise the role's (defaults, profiles) apply.
     """
     limits = []
     for host_vars in hosts_vars:
@@ -324,8 +323,10 @@ def fleet_time_limit(hosts_vars, defaults, profiles, spec):
                                  host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
                                  host_vars.get("celery_worker_group_settings", {}),
                                  host_vars.get("celery_worker_host_settings", {}), spec)
-        if not result["errors"]:
-            limits.append(int(result["settings"]["time_limit"]))
+        # Counted even when the host's other settings are refused: a typo on a host a --limit left out
+        # must not shrink the timeout under the tasks it runs.
+        if _is_integer(result["settings"].get("time_limit")):
+            limits.append(result["settings"]["time_limit"])
     return max(limits, default=0)
 
 
@@ -433,6 +434,48 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
             "refusal": refusal}
 
 
+def unit_start_times(systemctl_show):
+    """{instance name: start time (seconds since the epoch)} of the active celery-worker@ units, from
+    `systemctl show --timestamp=us+utc -p Id -p ActiveState -p ActiveEnterTimestamp 'celery-worker@*'`."""
+    from datetime import datetime, timezone
+
+    started = {}
+    for block in (systemctl_show or "").split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        unit = fields.get("Id", "")
+        if fields.get("ActiveState") != "active" or not unit.startswith("celery-worker@"):
+            continue
+        stamp = fields.get("ActiveEnterTimestamp", "").split(" ", 1)[-1].replace(" UTC", "")
+        try:
+            at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+        except ValueError:
+            at = datetime.fromtimestamp(0, timezone.utc)  # unknown: any file counts as newer
+        started[unit[len("celery-worker@"):].removesuffix(".service")] = at.timestamp()
+    return started
+
+
+def pending_restarts(instances, started, files, config_dir, release_changed):
+    """Names of the running instances that do not run with what the host holds now: a file they start
+    with (the env files, the template unit, their drop-in) is newer than their start, or the release to
+    run differs from the one they run. Decided from the host, not from what one run changed, so a run
+    stopped before its roll, or one limited by --tags, leaves nothing owed unnoticed.
+
+    started: unit_start_times(); files: [{"path", "mtime"}] (Ansible's find).
+    """
+    mtime = {entry["path"]: float(entry["mtime"]) for entry in files or []}
+    pending = []
+    for instance in instances:
+        name = instance["name"]
+        if name not in started:
+            continue
+        paths = [f"{config_dir}/celery.env", f"{config_dir}/instances/{name}.env",
+                 "/etc/systemd/system/celery-worker@.service",
+                 f"/etc/systemd/system/celery-worker@{name}.service.d/10-celery-fleet.conf"]
+        if release_changed or any(mtime.get(path, 0) > started[name] for path in paths):
+            pending.append(name)
+    return pending
+
+
 def consumers_to_restore(expected, active_queues):
     """[[node, queue], ...] for each queue a node answered without consuming although it should: what a
     run stopped mid-drain leaves behind (the node runs, and consumes nothing). Nodes that did not answer
@@ -466,6 +509,8 @@ class FilterModule:
             "celery_fleet_capacity_guard": capacity_guard,
             "celery_fleet_drain_timeout": drain_timeout,
             "celery_fleet_consumers_to_restore": consumers_to_restore,
+            "celery_fleet_unit_start_times": unit_start_times,
+            "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
         }

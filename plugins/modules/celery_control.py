@@ -88,7 +88,11 @@ replies:
   returned: always
 """
 
+import json
+import os
+import select
 import signal
+import time
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
@@ -157,24 +161,48 @@ class DeadlineExceeded(Exception):
 
 
 def within(seconds, function, *args, **kwargs):
-    """Call function, failing with DeadlineExceeded after `seconds` (SIGALRM: main thread only)."""
+    """function(*args, **kwargs), run in a child process that is killed after `seconds`: a hard bound.
 
-    def expired(signum, frame):
-        raise DeadlineExceeded(f"no result within the deadline of {seconds} s (broker unresponsive?)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    (An alarm in this process is not one: kombu's clean-up after an interrupted call talks to the same
+    frozen broker and waits out its socket timeouts again.) The result travels back as JSON; an exception
+    in the child is raised here as RuntimeError with its message."""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's coverage is its result
+        os.close(reader)
+        try:
+            outcome = {"result": function(*args, **kwargs)}
+        except BaseException as error:  # noqa: BLE001 - every failure is reported to the parent
+            outcome = {"error": f"{type(error).__name__}: {error}" if not str(error) else str(error)}
+        with os.fdopen(writer, "w") as pipe:
+            json.dump(outcome, pipe, default=repr)
+        os._exit(0)
+    os.close(writer)
+    deadline = time.monotonic() + seconds
+    chunks = []
+    with os.fdopen(reader, "rb") as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                raise DeadlineExceeded(f"no result within the deadline of {seconds} s (broker unresponsive?)")
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.waitpid(child, 0)
+    outcome = json.loads(b"".join(chunks) or b'{"error": "the call ended without a result"}')
+    if "error" in outcome:
+        raise RuntimeError(outcome["error"])
+    return outcome["result"]
 
 
 def client_app(broker_url, transport_options):
-    """A Celery app that talks to the fleet's broker with the fleet's transport options. It tries to
-    connect twice, not forever (kombu's default): a broker that is down fails the call at once, and the
-    caller (a task's retries, a roll's deadline) decides whether to try again."""
+    """A Celery app that talks to the fleet's broker with the fleet's transport options, connecting at
+    most twice (kombu's failover options read max_retries from the transport options): a broker that is
+    down fails the call in about two seconds, and the caller (a task's retries, a roll's deadline) decides
+    whether to try again."""
     options = dict(transport_options or {})
     options.setdefault("max_retries", 1)
     return Celery("celery_fleet_control", broker=broker_url, set_as_current=False,

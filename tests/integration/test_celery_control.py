@@ -228,34 +228,44 @@ def test_a_control_call_to_a_stopped_broker_fails_at_once():
     assert time.monotonic() - started < 15
 
 
-def unacked_message_aged(broker_url, age):
-    """One task message left unacknowledged `age` seconds ago, as kombu's Redis transport records it
-    (the `unacked` hash and its `unacked_index` by delivery time), with the queue empty."""
-    import redis as redis_client
+def unacked_message(client, broker_url, queue, age):
+    """One task message left unacknowledged `age` seconds ago on `queue`, as kombu's Redis transport records
+    it (the `unacked` hash and its `unacked_index` by delivery time), with the queue itself empty. Returns
+    its delivery tag."""
     from celery import Celery
 
-    client = redis_client.Redis.from_url(broker_url)
-    client.delete("aged", "unacked", "unacked_index")
     sender = Celery("unit-test-sender", broker=broker_url, set_as_current=False)
-    sender.send_task("celery_fleet_app.tasks.whoami", queue="aged")
+    sender.send_task("celery_fleet_app.tasks.whoami", queue=queue)  # declares the queue and its binding
     sender.close()
-    raw = client.rpop("aged")
-    tag = "aged-delivery-tag"
-    client.hset("unacked", tag, json.dumps([json.loads(raw), "aged", "aged"]))
+    raw = client.rpop(queue)
+    tag = f"{queue}-delivery-tag"
+    client.hset("unacked", tag, json.dumps([json.loads(raw), queue, queue]))
     client.zadd("unacked_index", {tag: time.time() - age})
-    return client
+    return tag
 
 
-@pytest.mark.parametrize("options, restored", [({}, True), (FLEET_OPTIONS, False)],
+@pytest.mark.parametrize("options, restored", [({}, {"running-4000s": 1, "abandoned-5000s": 1}),
+                                               (FLEET_OPTIONS, {"running-4000s": 0, "abandoned-5000s": 1})],
                          ids=["kombu-default-3600s", "the-fleet-s-4500s"])
 def test_a_control_call_restores_unacked_messages_older_than_its_own_visibility_timeout(broker_url, options,
                                                                                        restored):
     """kombu's restore sweep runs in every client that polls the broker (here a ping waiting for replies):
     with kombu's default 3600 s a control call hands a task delivered 4000 s ago (still running, under a
-    3900 s hard limit) to a second worker; with the fleet's timeout it leaves it alone."""
-    client = unacked_message_aged(broker_url, 4000)
-    app = celery_control.client_app(broker_url, options)
+    3900 s hard limit) to a second worker; with the fleet's 4500 s it leaves that one alone and still puts
+    back one abandoned 5000 s ago. (Database 3, queues named afresh: the module's test worker sweeps
+    database 0, and kombu remembers the queues it declared.)"""
+    import uuid
+
+    import redis as redis_client
+
+    url = broker_url.rsplit("/", 1)[0] + "/3"
+    client = redis_client.Redis.from_url(url)
+    run_id = uuid.uuid4().hex[:8]
+    queues = {name: f"{name}-{run_id}" for name in restored}
+    tags = {name: unacked_message(client, url, queue, int(name.split("-")[1][:-1]))
+            for name, queue in queues.items()}
+    app = celery_control.client_app(url, options)
     celery_control.run(app, "ping", timeout=0.5)
     app.close()
-    assert (client.llen("aged"), client.hlen("unacked")) == ((1, 0) if restored else (0, 1))
-    client.delete("aged", "unacked", "unacked_index")
+    assert {name: client.llen(queue) for name, queue in queues.items()} == restored
+    assert {name: int(not client.hexists("unacked", tag)) for name, tag in tags.items()} == restored

@@ -279,3 +279,38 @@ def test_the_fleet_s_longest_task_counts_every_worker_host_each_with_its_own_lay
     assert cf.fleet_time_limit(hosts, DEFAULTS["celery_worker_defaults"], DEFAULTS["celery_worker_profiles"],
                                SETTING_SPEC) == 3900
     assert cf.fleet_time_limit([], DEFAULTS["celery_worker_defaults"], {}, SETTING_SPEC) == 0
+
+
+SYSTEMCTL_SHOW = """Id=celery-worker@web.service
+ActiveState=active
+ActiveEnterTimestamp=Sat 2026-11-28 00:31:16.250000 UTC
+
+Id=celery-worker@old.service
+ActiveState=inactive
+ActiveEnterTimestamp=
+
+Id=celery-worker@gpu-2.service
+ActiveState=active
+ActiveEnterTimestamp=Sat 2026-11-28 00:31:20.000000 UTC
+"""
+
+
+def test_unit_start_times_are_read_for_active_instances_only():
+    started = cf.unit_start_times(SYSTEMCTL_SHOW)
+    assert set(started) == {"web", "gpu-2"}
+    assert started["gpu-2"] - started["web"] == pytest.approx(3.75)
+    assert cf.unit_start_times("") == {}
+
+
+def test_pending_restarts_are_the_running_instances_older_than_a_file_they_start_with():
+    started = cf.unit_start_times(SYSTEMCTL_SHOW)
+    web, gpu = started["web"], started["gpu-2"]
+    instances = [{"name": "web"}, {"name": "gpu-2"}, {"name": "new"}]
+    files = [{"path": "/etc/celery-fleet/celery.env", "mtime": web - 60},
+             {"path": "/etc/celery-fleet/instances/web.env", "mtime": web + 1},  # changed after web started
+             {"path": "/etc/systemd/system/celery-worker@gpu-2.service.d/10-celery-fleet.conf", "mtime": gpu - 1}]
+    assert cf.pending_restarts(instances, started, files, "/etc/celery-fleet", False) == ["web"]
+    # A release to switch to: every running instance (never one that does not run yet).
+    assert cf.pending_restarts(instances, started, files, "/etc/celery-fleet", True) == ["web", "gpu-2"]
+    shared = files + [{"path": "/etc/systemd/system/celery-worker@.service", "mtime": gpu + 5}]
+    assert cf.pending_restarts(instances, started, shared, "/etc/celery-fleet", False) == ["web", "gpu-2"]

@@ -16,7 +16,7 @@ def _flag(name: str, default: bool) -> bool:
 app = Celery("celery_fleet_app", include=["celery_fleet_app.tasks"])
 
 # kombu's Redis transport options the fleet computes for every client: the visibility timeout (above the
-# longest hard time limit of the fleet) and the socket timeouts (a hung broker fails a call, never hangs it).
+# longest hard time limit of the fleet) and the socket timeouts (a publish or an ack to a hung broker fails).
 transport_options = json.loads(os.environ.get("CELERY_BROKER_TRANSPORT_OPTIONS") or "{}")
 
 app.conf.update(
