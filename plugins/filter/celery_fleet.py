@@ -384,6 +384,9 @@ def rolling_plan(order, serial, groups, play_hosts, min_online=None):
                       f"(order {order}).")
     serial_errors = _serial_errors(serial)
     errors += serial_errors
+    # As extra vars give it (-e celery_worker_rolling_min_online=2 is the string '2').
+    if isinstance(min_online, str) and min_online.isdigit():
+        min_online = int(min_online)
     if min_online is not None and not (_is_integer(min_online) and min_online >= 0):
         errors.append(f"celery_worker_rolling_min_online must be null or an integer >= 0; got {_show(min_online)}.")
     hosts, batches = [], []

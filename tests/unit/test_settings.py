@@ -209,13 +209,18 @@ def test_plan_refuses_orders_and_serials_that_cannot_roll_the_fleet(order, seria
     assert plan["batches"] == []
 
 
+def test_plan_takes_min_online_as_extra_vars_give_it():
+    assert cf.rolling_plan(["workers"], [1], GROUPS, GROUPS["workers"], "2")["errors"] == []
+    assert cf.rolling_plan(["workers"], [1], GROUPS, GROUPS["workers"], 0)["errors"] == []
+
+
 def test_a_bad_serial_alone_does_not_blame_the_order():
     assert cf.rolling_plan(["workers"], [0], GROUPS, GROUPS["workers"])["errors"] == [
         "celery_worker_rolling_serial must be a positive integer, a percentage from 1% to 100%, or a non-empty list "
         "of those (batch sizes within each group, the last one repeated); got [0]."]
 
 
-@pytest.mark.parametrize("min_online", [-1, "2", True, 1.5])
+@pytest.mark.parametrize("min_online", [-1, "-1", "two", True, 1.5])
 def test_plan_refuses_a_min_online_that_is_not_a_count(min_online):
     errors = cf.rolling_plan(["workers"], [1], GROUPS, GROUPS["workers"], min_online)["errors"]
     assert "celery_worker_rolling_min_online must be null or an integer >= 0" in " ".join(errors)
