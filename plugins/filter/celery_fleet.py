@@ -132,6 +132,40 @@ def in_service(nodes, active_queues, expected):
     return serving
 
 
+def unreached(ping_results):
+    """[{"host", "reason"}] for each host whose ping result ({host: registered result}) is not a pong:
+    unreachable, or failed to run a module (a stopped container, a host without Python)."""
+    lost = []
+    for host, result in sorted((ping_results or {}).items()):
+        if (result or {}).get("ping") == "pong":
+            continue
+        result = result or {}
+        # The connection's own words first (e.g. docker's "Container ... is not running"), then Ansible's.
+        details = [module.get("module_stderr") for module in (result.get("failed_modules") or {}).values()
+                   if isinstance(module, dict)]
+        details += [result.get("module_stderr"), result.get("msg")]
+        reason = next((line.strip() for text in details if text for line in str(text).splitlines() if line.strip()),
+                      "no answer")
+        lost.append({"host": host, "reason": f"{host}: {reason[:300]}"})
+    return lost
+
+
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1024, "m": 1000 ** 2, "mb": 1024 ** 2, "g": 1000 ** 3,
+                 "gb": 1024 ** 3}
+
+
+def memory_bytes(value, variable="a memory size"):
+    """Bytes in a Redis memory size ("0", "64mb", "1gb", 1048576), read as redis.conf does: k/m/g are powers
+    of 1000, kb/mb/gb of 1024, case-insensitive. Anything else raises an error naming `variable`."""
+    from ansible.errors import AnsibleFilterError
+
+    match = re.fullmatch(r"(\d{1,15})([kmg]?b?)", str(value), re.IGNORECASE)
+    if isinstance(value, bool) or not match:
+        raise AnsibleFilterError(f"{variable} must be a Redis memory size: a whole number of bytes, or one with a "
+                                 f"unit k, kb, m, mb, g or gb (e.g. 256mb); got {value!r}")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
+
+
 def duplicates(values):
     """Values that occur more than once, sorted."""
     seen, repeated = set(), set()
@@ -430,9 +464,20 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
                    f"so their nodes are unknown. Roll the whole group, or set celery_worker_rolling_min_online to "
                    f"the number of the group's other known nodes that must be in service")
     elif len(serving) < needed:
+        # Name the nodes the inventory expects that are not in service, and why: a lost host shows up here.
+        missing = []
+        for other in counted:
+            if other in serving:
+                continue
+            if other not in (active_queues or {}):
+                missing.append(f"{other} does not answer")
+            else:
+                consumed = {queue.get("name") for queue in active_queues[other] or []}
+                lacking = sorted(set(expected[other]) - consumed)
+                missing.append(f"{other} does not consume {', '.join(lacking)}")
         refusal = (f"Capacity guard: {len(serving)} other node(s) of group {group} are in service "
-                   f"({', '.join(serving) or 'none'}); celery_worker_rolling_min_online needs {needed}. "
-                   f"Not draining {node}")
+                   f"({', '.join(serving) or 'none'}); celery_worker_rolling_min_online needs {needed}"
+                   f"{''.join('; ' + reason for reason in missing)}. Not draining {node}")
     return {"counted": counted, "in_service": serving, "needed": needed, "unknown_hosts": unknown,
             "refusal": refusal}
 
@@ -506,6 +551,8 @@ class FilterModule:
             "celery_fleet_worker_arguments": worker_arguments,
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
+            "celery_fleet_unreached": unreached,
+            "celery_fleet_memory_bytes": memory_bytes,
             "celery_fleet_in_service": in_service,
             "celery_fleet_worker_settings": worker_settings,
             "celery_fleet_rolling_plan": rolling_plan,

@@ -26,7 +26,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import yaml
@@ -163,12 +163,15 @@ def lab_client(inventory: str | Path = PROJECT / "inventories" / "lab", project:
     address = subprocess.run(
         ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container],
         capture_output=True, text=True, check=True).stdout.split()[0]
-    password = quote(hostvars["vault_celery_broker_password"], safe="")
-    port = hostvars.get("celery_broker_port", 6379)
     worker_host = next(iter(worker_groups(inventory, project)))
     worker_container = listing["_meta"]["hostvars"][worker_host].get("ansible_host", worker_host)
-    options = json.loads(env_file(worker_container)["CELERY_BROKER_TRANSPORT_OPTIONS"])
-    return FleetClient(f"redis://:{password}@{address}:{port}/0", f"redis://:{password}@{address}:{port}/1", options)
+    environment = env_file(worker_container)
+    options = json.loads(environment["CELERY_BROKER_TRANSPORT_OPTIONS"])
+    # The workers' URLs, with the broker's name (resolved on the lab network only) replaced by its address.
+    urls = [urlsplit(environment[name]) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")]
+    broker_url, result_url = (
+        urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[0] + f"@{address}:{url.port}")) for url in urls)
+    return FleetClient(broker_url, result_url, options)
 
 
 def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT) -> dict:
@@ -212,7 +215,8 @@ class Ledger:
 
     def __init__(self, client: FleetClient, key: str | None = None):
         self.key = key or f"celery-fleet:ledger:{uuid.uuid4().hex[:12]}"
-        self.client = client.redis(client.result_url)
+        # Where the ledger tasks write it: the queue instance, which never evicts.
+        self.client = client.redis(client.broker_url)
 
     def records(self) -> list[dict]:
         return [json.loads(raw) for raw in self.client.lrange(self.key, 0, -1)]

@@ -242,8 +242,11 @@ def test_guard_refuses_when_a_node_is_drained_or_silent():
     guard = cf.capacity_guard("web-worker@web1", "web", WEB_NODES, [], None, half)
     assert guard["in_service"] == ["web-worker@web2"]
     assert guard["refusal"] == ("Capacity guard: 1 other node(s) of group web are in service (web-worker@web2); "
-                                "celery_worker_rolling_min_online needs 2. Not draining web-worker@web1")
-    assert "(none)" in cf.capacity_guard("web-worker@web1", "web", WEB_NODES, [], None, {})["refusal"]
+                                "celery_worker_rolling_min_online needs 2; web-worker@web3 does not consume priority. "
+                                "Not draining web-worker@web1")
+    lost = cf.capacity_guard("web-worker@web1", "web", WEB_NODES, [], None, {})["refusal"]
+    assert ("are in service (none); celery_worker_rolling_min_online needs 2; web-worker@web2 does not answer; "
+            "web-worker@web3 does not answer. Not draining") in lost
 
 
 def test_guard_min_online_overrides_and_unknown_hosts_need_it():

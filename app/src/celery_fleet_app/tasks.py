@@ -53,7 +53,8 @@ def sleep_task(self, seconds, token=None):
 def _ledger_client():
     import redis  # celery[redis] installs it
 
-    return redis.Redis.from_url(app.conf.result_backend or app.conf.broker_url)
+    # The broker's queue instance: never evicted (a results instance with a memory cap evicts at it).
+    return redis.Redis.from_url(app.conf.broker_url)
 
 
 @app.task(bind=True, ignore_result=True)
