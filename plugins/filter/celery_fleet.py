@@ -475,6 +475,8 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
                 consumed = {queue.get("name") for queue in active_queues[other] or []}
                 lacking = sorted(set(expected[other]) - consumed)
                 missing.append(f"{other} does not consume {', '.join(lacking)}")
+        if unknown:
+            missing.append(f"host(s) {', '.join(unknown)} of group {group} are not in this run, their nodes unknown")
         refusal = (f"Capacity guard: {len(serving)} other node(s) of group {group} are in service "
                    f"({', '.join(serving) or 'none'}); celery_worker_rolling_min_online needs {needed}"
                    f"{''.join('; ' + reason for reason in missing)}. Not draining {node}")

@@ -15,6 +15,7 @@ Imported through pytest's pythonpath (pytest.ini); `./fleet bench` sets PYTHONPA
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -52,17 +53,23 @@ def ansible_env(project: Path = PROJECT) -> dict:
     return env
 
 
-def inventory_list(inventory: str | Path, project: Path = PROJECT) -> dict:
-    """`ansible-inventory --list` of an inventory, vault decrypted."""
-    result = subprocess.run(["ansible-inventory", "-i", str(inventory), "--list"], capture_output=True, text=True,
-                            check=True, env=ansible_env(project))
+def inventory_args(inventory) -> list[str]:
+    """-i arguments for one inventory source, or a list of them (later sources override earlier ones)."""
+    sources = inventory if isinstance(inventory, (list, tuple)) else [inventory]
+    return [argument for source in sources for argument in ("-i", str(source))]
+
+
+def inventory_list(inventory, project: Path = PROJECT) -> dict:
+    """`ansible-inventory --list` of an inventory (or a list of sources), vault decrypted."""
+    result = subprocess.run(["ansible-inventory", *inventory_args(inventory), "--list"], capture_output=True,
+                            text=True, check=True, env=ansible_env(project))
     return json.loads(result.stdout)
 
 
 def run_playbook(playbook: str, *extra_args: str, inventory: str | Path, project: Path = PROJECT,
                  timeout: float | None = None) -> tuple[int, str]:
     """Run playbooks/<playbook>; return its exit status and its output (stdout then stderr, no colour codes)."""
-    run = subprocess.run(["ansible-playbook", "-i", str(inventory), str(project / "playbooks" / playbook),
+    run = subprocess.run(["ansible-playbook", *inventory_args(inventory), str(project / "playbooks" / playbook),
                           *extra_args], capture_output=True, text=True, env=ansible_env(project), cwd=project,
                          timeout=timeout)
     return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
@@ -81,7 +88,8 @@ def kill_playbook_when(playbook: str, *extra_args: str, inventory: str | Path, m
     import tempfile
 
     with tempfile.TemporaryFile(mode="w+") as log:
-        process = subprocess.Popen(["ansible-playbook", "-i", str(inventory), str(project / "playbooks" / playbook),
+        process = subprocess.Popen(["ansible-playbook", *inventory_args(inventory),
+                                    str(project / "playbooks" / playbook),
                                     *extra_args], stdout=log, stderr=subprocess.STDOUT, env=ansible_env(project),
                                    cwd=project, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -101,6 +109,59 @@ def kill_playbook_when(playbook: str, *extra_args: str, inventory: str | Path, m
             process.wait(30)
         log.seek(0)
         return re.sub(r"\x1b\[[0-9;]*m", "", log.read())
+
+
+def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str, act, project: Path = PROJECT,
+                        timeout: float = 1200) -> tuple[int, str, dict]:
+    """Run playbooks/<playbook> and call act() once `marker` appears in its output (a fault provoked at a
+    known step, while the run goes on). Returns (exit status, output, {"marker", "acted", "ended"}: epoch
+    seconds). AssertionError when the run ends before the marker."""
+    import tempfile
+
+    times = {}
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(["ansible-playbook", *inventory_args(inventory),
+                                    str(project / "playbooks" / playbook), *extra_args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=ansible_env(project), cwd=project)
+        deadline = time.monotonic() + timeout
+        try:
+            while "acted" not in times:
+                log.seek(0)
+                if marker in log.read():
+                    times["marker"] = time.time()
+                    act()
+                    times["acted"] = time.time()
+                elif process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise AssertionError(f"{marker!r} never appeared (rc {process.poll()}):\n{log.read()[-3000:]}")
+                else:
+                    time.sleep(0.1)
+            process.wait(max(1.0, deadline - time.monotonic()))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+        times["ended"] = time.time()
+        log.seek(0)
+        return process.returncode, re.sub(r"\x1b\[[0-9;]*m", "", log.read()), times
+
+
+def unacked_tokens(client: FleetClient, ledger_key: str) -> list[str]:
+    """Tokens of the ledger's tasks still in kombu's `unacked` hash: delivered, never acknowledged (their
+    acknowledgement was lost with a connection). Redis gives them out again once the visibility timeout
+    has passed: each is a run still to come."""
+    tokens = []
+    # Each value is kombu's [message, exchange, routing key]; the message body (base64) is Celery's
+    # protocol 2 [args, kwargs, embed], and a ledger task's args are [seconds, token, ledger key].
+    for raw in client.redis().hvals("unacked"):
+        try:
+            message = json.loads(raw)[0]
+            args = json.loads(base64.b64decode(message["body"]))[0]
+        except (ValueError, KeyError, TypeError, IndexError):
+            continue
+        if isinstance(args, list) and len(args) == 3 and args[2] == ledger_key:
+            tokens.append(args[1])
+    return sorted(tokens)
 
 
 def recap(output: str) -> dict:
@@ -255,13 +316,25 @@ class Producer(threading.Thread):
         self.random = random.Random(seed)
         self.sent: list[dict] = []
         self.errors: list[str] = []
+        self.send_failures: list[str] = []
         self._halt = threading.Event()
         self._run_id = uuid.uuid4().hex[:8]
 
     def _send(self, queue: str):
         seconds = round(self.random.uniform(*self.durations), 3)
         token = f"{self._run_id}-{len(self.sent)}"
-        self.app.send_task(LEDGER_TASK, args=[seconds, token, self.ledger.key], queue=queue)
+        # As a client of a fleet whose broker restarts would: a publish that fails (after Celery's own
+        # retries) is tried again until it succeeds. It is counted as sent once it succeeded; a failed
+        # publish that reached Redis all the same would show up as an unknown token.
+        while True:
+            try:
+                self.app.send_task(LEDGER_TASK, args=[seconds, token, self.ledger.key], queue=queue)
+                break
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                    redis.exceptions.BusyLoadingError, OSError) as error:
+                self.send_failures.append(f"{time.time():.1f} {error!r}")
+                if self._halt.wait(0.5):
+                    return
         self.sent.append({"token": token, "queue": queue, "seconds": seconds, "sent": time.time()})
 
     def run(self):
@@ -378,9 +451,9 @@ class Load:
     """Producer + monitor + ledger around an operation: start(), run the operation, finish()."""
 
     def __init__(self, client: FleetClient, nodes: dict, rates=None, backlog=None, seed: int = 4,
-                 monitor_interval: float = 0.25):
+                 monitor_interval: float = 0.25, durations=(0.0, 5.0)):
         self.ledger = Ledger(client)
-        self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed)
+        self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed, durations=durations)
         self.monitor = Monitor(client, nodes, interval=monitor_interval)
         self.nodes = nodes
         self.marks: dict[str, float] = {}

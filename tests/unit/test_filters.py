@@ -1,4 +1,5 @@
 import pytest
+from ansible.errors import AnsibleFilterError
 
 import celery_fleet as cf
 
@@ -122,3 +123,31 @@ def test_in_service_needs_an_answer_and_every_expected_queue():
     assert in_service(nodes, replies, expected) == ["web-worker@web1"]
     assert in_service(nodes, {}, expected) == []
     assert in_service(nodes, None, expected) == []
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0), (0, 0), ("64mb", 64 * 2**20), ("64MB", 64 * 2**20),
+                                             ("1g", 10**9), ("1gb", 2**30), ("512k", 512000), ("100", 100)])
+def test_memory_bytes_reads_sizes_as_redis_conf_does(value, expected):
+    assert cf.memory_bytes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["64 MiB", "-1", "", "1tb", "64mb\n", "64mb maxmemory-policy noeviction", True,
+                                   None, "9" * 16])
+def test_memory_bytes_refuses_anything_else_naming_the_variable(value):
+    with pytest.raises(AnsibleFilterError, match="celery_broker_results_maxmemory must be a Redis memory size"):
+        cf.memory_bytes(value, "celery_broker_results_maxmemory")
+
+
+def test_unreached_names_each_host_that_did_not_answer_with_its_connection_s_reason():
+    results = {
+        "web1": {"ping": "pong", "changed": False},
+        "web2": {"failed": True, "msg": "The following modules failed to execute: ansible.legacy.setup.",
+                 "failed_modules": {"ansible.legacy.ping": {
+                     "module_stderr": "Error response from daemon: Container 2b4f is not running\n"}}},
+        "web3": {"unreachable": True, "msg": "Failed to connect to the host via ssh: timed out"},
+        "web4": {},
+    }
+    assert cf.unreached(results) == [
+        {"host": "web2", "reason": "web2: Error response from daemon: Container 2b4f is not running"},
+        {"host": "web3", "reason": "web3: Failed to connect to the host via ssh: timed out"},
+        {"host": "web4", "reason": "web4: no answer"}]

@@ -256,6 +256,11 @@ def test_guard_min_online_overrides_and_unknown_hosts_need_it():
     refusal = cf.capacity_guard("web-worker@web1", "web", limited, [], None, SERVING)["refusal"]
     assert "host(s) web3 of group web are not in this run (--limit?)" in refusal
     assert cf.capacity_guard("web-worker@web1", "web", limited, [], 1, SERVING)["refusal"] == ""
+    # A host left out (a lost one, with --limit '!web3') is named when the guard refuses.
+    assert cf.capacity_guard("web-worker@web1", "web", limited, [], 2, {})["refusal"] == (
+        "Capacity guard: 0 other node(s) of group web are in service (none); celery_worker_rolling_min_online "
+        "needs 2; web-worker@web2 does not answer; host(s) web3 of group web are not in this run, their nodes "
+        "unknown. Not draining web-worker@web1")
 
 
 def test_drain_timeout_is_prefetch_times_the_hard_limit_plus_the_margin():

@@ -54,7 +54,22 @@ def _ledger_client():
     import redis  # celery[redis] installs it
 
     # The broker's queue instance: never evicted (a results instance with a memory cap evicts at it).
-    return redis.Redis.from_url(app.conf.broker_url)
+    return redis.Redis.from_url(app.conf.broker_url, socket_timeout=10, socket_connect_timeout=10)
+
+
+def _ledger_append(key, value, patience=120.0):
+    """RPUSH that waits out a broker restart or a network cut (the ledger is the tests' measuring
+    instrument: a record lost to a blip would read as a lost task)."""
+    import redis
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _ledger_client().rpush(key, value)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @app.task(bind=True, ignore_result=True)
@@ -68,12 +83,12 @@ def ledger_task(self, seconds, token, ledger):
     """
     started = time.time()
     # Every start is recorded too: a run killed half-way and delivered again shows as two starts.
-    _ledger_client().rpush(f"{ledger}:started", token)
+    _ledger_append(f"{ledger}:started", token)
     time.sleep(float(seconds))
     record = {"token": token, "seconds": seconds, "started": started, "finished": time.time(),
               "release": RELEASE, "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
               **_where(self)}
-    _ledger_client().rpush(ledger, json.dumps(record))
+    _ledger_append(ledger, json.dumps(record))
 
 
 @app.task(bind=True)

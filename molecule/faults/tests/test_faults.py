@@ -1,0 +1,326 @@
+"""Faults under load on the lab: what each does to tasks, counted (sent, lost, run twice).
+
+Every case sends ledger tasks to all four queues (every start and end recorded, as in the rolling
+scenario) and prints its counts. The lab runs with a visibility timeout of 120 s here
+(molecule/faults/inventory/hosts.yml), so that a lost host's tasks come back within a case.
+
+Order: runs killed half-way (they need a fleet that rolls), the broker stopped before a roll, then
+restarted, killed and frozen under load, a worker host killed, one cut from the network, and results
+filling their memory cap.
+"""
+
+import json
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+import fleetlab
+from fleetlab import EXPECTED_NODES, PROJECT, lab_host
+
+INVENTORIES = [PROJECT / "inventories" / "lab", PROJECT / "molecule" / "faults" / "inventory"]
+# Runs that roll: tasks of 0-5 s, at the rolling scenario's rates (about 40% of the fleet's slots).
+ROLL_RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
+# Faults: tasks of 0-20 s (10 s on average), at about 40% of the slots (web 16, batch 4, gpu 2); with a
+# web node lost, under 80% of what is left.
+FAULT_RATES = {"default": 0.4, "priority": 0.24, "batch": 0.16, "ml": 0.08}
+FAULT_DURATIONS = (0.0, 20.0)
+VISIBILITY_TIMEOUT = 120
+DRAIN_WAIT = "TASK [celery_worker : Drain: wait until the node has no reserved and no active task]"
+INTERRUPTED_RELEASE = "1.4.0"
+NETWORK = "celery-fleet-lab"
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    return fleetlab.Fleet(INVENTORIES, rates=ROLL_RATES)
+
+
+def broker_pid():
+    return lab_host("broker1").check_output("systemctl show -p MainPID --value redis-server")
+
+
+def consuming_again(fleet, since, timeout=180):
+    """Seconds from `since` until every node answers and consumes all of its queues again."""
+    fleet.consuming(timeout=timeout)
+    return round(time.time() - since, 1)
+
+
+def assert_duplicates_spanned(report, fault_start, fault_end):
+    """A task that ran twice must have been running (or just ending: its acknowledgement in flight) when
+    the fault hit: a duplicate of a task that ended well before it, or began after it, is a bug."""
+    first_runs = {}
+    for record in sorted(report["records"], key=lambda record: record["started"]):
+        first_runs.setdefault(record["token"], record)
+    for token in report["duplicated_tokens"]:
+        first = first_runs[token]
+        assert first["started"] <= fault_end and first["finished"] >= fault_start - 2, (
+            f"{token} ran twice but its first run ({first['started']:.1f}-{first['finished']:.1f}) did not span "
+            f"the fault ({fault_start:.1f}-{fault_end:.1f})")
+
+
+# --- Runs that stop half-way ----------------------------------------------------------------------
+
+
+def test_a_roll_killed_mid_drain_leaves_state_the_next_run_finishes(fleet):
+    """SIGKILL of ansible-playbook (and its forks) while web1 drains: web1 is left consuming nothing. The
+    next run gives it its queues back before any capacity is counted, then rolls; no task is lost or run
+    twice across both runs."""
+    before = fleet.units()
+
+    def killed_then_rerun(load):
+        killed = fleet.kill_playbook_when("rolling_restart.yml", marker=DRAIN_WAIT, after=0.5)
+        # The run died after cancel_consumer: web1 runs and consumes nothing.
+        left = fleetload_discover(fleet, consuming=False)
+        assert left["web-worker@web1"] == [], (left, killed[-3000:])
+        return fleet.run_playbook("rolling_restart.yml")
+
+    rc, output, report = fleet.under_load(killed_then_rerun, "rolling_restart.yml killed mid-drain, then again")
+    assert rc == 0, output[-4000:]
+    assert "Give each drained node its queues back" in output
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report)
+    after = fleet.units()
+    assert all(after[name][unit] != pid for name, units in before.items() for unit, pid in units.items())
+    assert fleet.consuming() == fleet.nodes
+
+
+def fleetload_discover(fleet, consuming=True):
+    return fleetlab.fleetload.discover_nodes(fleet.client, timeout=10, hosts=list(fleet.host_groups),
+                                             consuming=consuming)
+
+
+def test_an_upgrade_killed_after_switching_some_hosts_is_finished_by_the_next_run(fleet):
+    """SIGKILL once web1 and web2 run the new release and batch1 is next: the re-run finds web1 and web2
+    already on it, still knows the release to go back to (recorded on each host when it switched), and
+    ends with every node on the new release, no task lost or run twice."""
+    old = fleet.releases()
+    assert len(set(old.values())) == 1 and INTERRUPTED_RELEASE not in old.values()
+    upgrade = ("--extra-vars", f"celery_worker_release={INTERRUPTED_RELEASE}")
+
+    def killed_then_rerun(load):
+        # One play, one batch after another: web1, web2, then batch1.
+        fleet.kill_playbook_when("upgrade.yml", *upgrade, marker="PLAY [Roll the worker groups in order",
+                                 occurrence=3)
+        switched = fleet.releases()
+        assert (switched["web1"], switched["web2"], switched["batch1"]) == (
+            INTERRUPTED_RELEASE, INTERRUPTED_RELEASE, old["batch1"]), switched
+        previous = lab_host("web1").check_output("readlink /opt/celery-fleet/previous")
+        assert previous.endswith("/" + old["web1"]), previous
+        return fleet.run_playbook("upgrade.yml", *upgrade)
+
+    rc, output, report = fleet.under_load(killed_then_rerun, "upgrade.yml killed half-way, then again")
+    assert rc == 0, output[-4000:]
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report)
+    assert set(fleet.releases().values()) == {INTERRUPTED_RELEASE}
+    assert fleet.releases_running() == {node: {INTERRUPTED_RELEASE} for node in fleet.nodes}
+    for name in ("web1", "batch1"):
+        previous = lab_host(name).check_output("readlink /opt/celery-fleet/previous")
+        assert previous.endswith("/" + old[name]), (name, previous)
+
+
+# --- The broker -----------------------------------------------------------------------------------
+
+
+def test_a_roll_with_the_broker_stopped_refuses_in_seconds_and_drains_nothing(fleet):
+    broker = lab_host("broker1")
+    before = fleet.units()
+    broker.check_output("systemctl stop redis-server")
+    try:
+        started = time.monotonic()
+        rc, output = fleet.run_playbook("rolling_restart.yml")
+        seconds = time.monotonic() - started
+    finally:
+        broker.check_output("systemctl start redis-server")
+    print(f"roll with the broker stopped: refused after {seconds:.1f} s")
+    assert rc != 0, output[-4000:]
+    assert "Wait until the host's nodes answer" in output and "celery control inspect failed" in output, (
+        output[-4000:])
+    assert "PLAY [Roll the worker groups" not in output
+    assert fleet.units() == before, "a worker was stopped or restarted"
+    # The workers reconnect by themselves and consume again.
+    print(f"every node consuming again {consuming_again(fleet, time.time(), 60)} s after Redis started")
+
+
+@pytest.mark.parametrize("fault", ["systemctl restart redis-server", "kill -9"])
+def test_the_broker_restarted_or_killed_under_load_loses_nothing(fleet, fault):
+    """A restart (SIGTERM, Redis writes its AOF and stops) or a SIGKILL (systemd starts it again): the
+    queues and the unacknowledged set come back from the AOF, the workers reconnect. Tasks whose
+    acknowledgement was lost with the connection run again: counted, and each must have been running
+    when the broker went."""
+    broker = lab_host("broker1")
+    before = broker_pid()
+    moments = {}
+
+    def fault_then_wait(load):
+        moments["fault"] = time.time()
+        if fault == "kill -9":
+            broker.check_output(f"kill -9 {before}")
+        else:
+            broker.check_output(fault)
+        fleet.consuming(timeout=120)
+        moments["consuming"] = time.time()
+        return 0, ""
+
+    _, _, report = fleet.under_load(fault_then_wait, f"broker: {fault}", warmup=15, broker_faults=True,
+                                    durations=FAULT_DURATIONS, rates=FAULT_RATES)
+    after = broker_pid()
+    assert after != before, "Redis did not restart"
+    print(f"broker {fault}: every node consuming again after {moments['consuming'] - moments['fault']:.1f} s")
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"])
+    assert_duplicates_spanned(report, moments["fault"], moments["consuming"])
+    assert moments["consuming"] - moments["fault"] < 60
+
+
+def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes(fleet):
+    """kill -STOP of Redis for 60 s while web1 drains: every control call is bounded, so the run fails
+    within the drain deadline + one call's deadline (+ the rescue, which puts web1 back once Redis
+    answers) naming the step; after kill -CONT a re-run completes and every node consumes."""
+    broker = lab_host("broker1")
+    pid = broker_pid()
+    drain_timeout = 20
+    roll_vars = json.dumps({"celery_worker_group_settings": {"time_limit": drain_timeout, "soft_time_limit": 15,
+                                                             "prefetch_multiplier": 1},
+                            "celery_worker_rolling_drain_margin": 0, "celery_worker_rolling_order": ["web"]})
+
+    thaw = threading.Timer(60, lambda: broker.run(f"kill -CONT {pid}"))
+
+    def freeze():
+        broker.check_output(f"kill -STOP {pid}")
+        thaw.start()
+
+    def frozen_roll_then_rerun(load):
+        try:
+            rc, output, times = fleetlab.fleetload.run_playbook_acting(
+                "rolling_restart.yml", "--limit", "web", "--extra-vars", roll_vars, inventory=INVENTORIES,
+                marker=DRAIN_WAIT, act=freeze)
+        finally:
+            thaw.join()
+            broker.run(f"kill -CONT {pid}")  # whatever happened above, Redis runs again
+        failed_after = times["ended"] - times["acted"]
+        print(f"broker frozen mid-drain for 60 s: the run ended {failed_after:.1f} s after the freeze "
+              f"(drain deadline {drain_timeout} s)")
+        assert rc != 0, output[-4000:]
+        message = " ".join(output.split())
+        assert "Rolling restart failed on web1, instance web (web-worker@web1), at step 'drain'" in message, (
+            output[-4000:])
+        assert failed_after < 60 + 30, "the run outlasted the freeze by more than one control call's deadline"
+        return fleet.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
+                                  '{"celery_worker_rolling_order": ["web"]}')
+
+    rc, output, report = fleet.under_load(frozen_roll_then_rerun, "broker frozen mid-drain, then a re-run",
+                                          broker_faults=True)
+    assert rc == 0, output[-4000:]
+    assert fleet.consuming() == fleet.nodes
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=50, duplicates_allowed=report["sent"])
+
+
+# --- Worker hosts -----------------------------------------------------------------------------------
+
+
+def test_a_worker_host_killed_under_load_its_tasks_come_back_after_the_visibility_timeout(fleet):
+    """docker kill web2 with tasks running: its tasks stay unacknowledged until the visibility timeout
+    (120 s here) has passed, then any client's restore sweep puts them back and another node runs them.
+    A roll started meanwhile refuses before changing anything, naming the lost host."""
+    moments = {}
+
+    def kill_and_roll(load):
+        subprocess.run(["docker", "kill", "celery-fleet-lab-web2"], check=True, capture_output=True)
+        moments["killed"] = time.time()
+        rc, output = fleet.run_playbook("rolling_restart.yml")
+        moments["refused"] = time.time()
+        moments["limited_rc"], moments["limited_output"] = fleet.run_playbook(
+            "rolling_restart.yml", "--limit", "all:!web2", "--extra-vars", "celery_worker_rolling_min_online=1")
+        return rc, output
+
+    try:
+        rc, output, report = fleet.under_load(kill_and_roll, "worker host web2 killed", warmup=20,
+                                              durations=FAULT_DURATIONS, rates=FAULT_RATES,
+                                              complete_timeout=VISIBILITY_TIMEOUT + 120)
+    finally:
+        subprocess.run(["docker", "start", "celery-fleet-lab-web2"], check=True, capture_output=True)
+    assert rc != 0, output[-4000:]
+    message = " ".join(output.split())
+    assert "Cannot reach web2 (web2: Error response from daemon: Container" in message, output[-4000:]
+    assert "is not running" in message and "Nothing was changed" in message
+    assert "PLAY [Roll the worker groups" not in output
+    print(f"roll with web2 lost: refused after {moments['refused'] - moments['killed']:.1f} s")
+    # Left out of the run, web2 still counts against its group: the capacity guard refuses to drain web1.
+    message = " ".join(moments["limited_output"].split())
+    assert moments["limited_rc"] != 0 and (
+        "Rolling restart failed on web1, instance web (web-worker@web1), at step 'capacity guard': Capacity guard: "
+        "0 other node(s) of group web are in service (none); celery_worker_rolling_min_online needs 1; host(s) web2 "
+        "of group web are not in this run, their nodes unknown. Not draining web-worker@web1") in message, message[-3000:]
+    # The tasks web2 held ran again elsewhere, once the visibility timeout had passed.
+    late = [record["finished"] - moments["killed"] for record in report["records"]
+            if record["finished"] > moments["killed"] + VISIBILITY_TIMEOUT - 30]
+    print(f"web2's tasks: {len(late)} finished elsewhere, the last {max(late, default=0):.1f} s after the kill")
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"])
+    # A task web2 had started and never finished ran again; nothing ran twice to completion.
+    assert report["duplicates"] == 0, report["duplicated_tokens"]
+    assert late and max(late) < VISIBILITY_TIMEOUT + 60, late
+    print(f"web2 back: every node consuming again {consuming_again(fleet, moments['killed'], 120)} s after the kill")
+
+
+def test_a_worker_cut_from_the_network_for_30_s_consumes_again_and_loses_nothing(fleet):
+    """docker network disconnect web1, reconnect after 30 s. Its tasks run on; their acknowledgements may
+    be lost with the connection, and such tasks run again after the visibility timeout (counted)."""
+    container = "celery-fleet-lab-web1"
+    moments = {}
+
+    def cut(load):
+        subprocess.run(["docker", "network", "disconnect", NETWORK, container], check=True, capture_output=True)
+        moments["cut"] = time.time()
+        time.sleep(30)
+        subprocess.run(["docker", "network", "connect", "--alias", "web1", NETWORK, container], check=True,
+                       capture_output=True)
+        moments["reconnected"] = time.time()
+        fleet.consuming(timeout=120)
+        moments["consuming"] = time.time()
+        return 0, ""
+
+    _, _, report = fleet.under_load(cut, "worker web1 cut from the network for 30 s", warmup=15,
+                                    durations=FAULT_DURATIONS, rates=FAULT_RATES)
+    print(f"web1 consuming again {moments['consuming'] - moments['reconnected']:.1f} s after it was reconnected")
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"])
+    assert_duplicates_spanned(report, moments["cut"], moments["consuming"])
+
+
+# --- Memory -----------------------------------------------------------------------------------------
+
+
+def test_results_filling_their_cap_are_evicted_and_the_queues_lose_nothing(fleet):
+    """The lab caps results at 64 MiB on their own instance (allkeys-lru). 150 MiB of result-sized
+    values written under load: the results instance evicts, never refuses; the queue instance is not
+    touched; every task runs once; a fresh result can still be stored and read."""
+    results = fleet.client.redis(fleet.client.result_url)
+    queues = fleet.client.redis()
+    evicted_before = results.info("stats")["evicted_keys"]
+    queue_memory_before = queues.info("memory")["used_memory"]
+    value = b"r" * 65536
+
+    def flood(load):
+        for batch in range(30):
+            pipe = results.pipeline(transaction=False)
+            for index in range(80):
+                pipe.setex(f"celery-task-meta-flood-{batch}-{index}-{uuid.uuid4().hex}", 86400, value)
+            pipe.execute()
+        return 0, ""
+
+    _, _, report = fleet.under_load(flood, "results flooded past their 64 MiB cap")
+    memory = results.info("memory")
+    evicted = results.info("stats")["evicted_keys"] - evicted_before
+    print(f"results instance: {evicted} keys evicted, used {memory['used_memory'] / 2**20:.1f} MiB of "
+          f"{memory['maxmemory'] / 2**20:.0f} MiB; queue instance used "
+          f"{queue_memory_before / 2**20:.1f} -> {queues.info('memory')['used_memory'] / 2**20:.1f} MiB")
+    assert memory["maxmemory"] == 64 * 2**20 and memory["maxmemory_policy"] == "allkeys-lru"
+    assert evicted > 0 and memory["used_memory"] <= memory["maxmemory"] * 1.05
+    assert queues.info("memory")["maxmemory"] == 0
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=50)
+    # Results still work: a task's result is stored and read back at the cap.
+    app = fleet.client.app("faults-results")
+    app.conf.result_backend = fleet.client.result_url
+    assert app.send_task("celery_fleet_app.tasks.priority_echo", args=["at-the-cap"],
+                         queue="priority").get(timeout=30)["value"] == "at-the-cap"
+    assert len(fleet.consuming()) == EXPECTED_NODES

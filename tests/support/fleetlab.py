@@ -1,0 +1,181 @@
+"""The lab fleet as the Molecule scenarios that work under load see it (rolling, faults).
+
+One Fleet per scenario: its inventory sources, the load it sends, and the checks every case shares:
+every task ran exactly once, capacity kept, warm stops only, drained before stopped.
+"""
+
+import json
+import os
+import re
+import time
+
+import testinfra
+
+import fleetload
+
+PROJECT = fleetload.PROJECT
+LAB_INVENTORY = PROJECT / "inventories" / "lab"
+# The lab runs web-worker@web1, @web2, batch-worker@batch1 and two GPU instances on gpu1.
+EXPECTED_NODES = 5
+# Lines that mean a task or a worker was killed, or a stop did not end warmly.
+KILLED = re.compile(r"WorkerLostError|SIGKILL|status=9/KILL|code=killed|Cold shutdown|[Tt]imed out|"
+                    r"Killing process|Failed with result '(timeout|signal|oom-kill)'")
+
+
+def lab_host(name):
+    """A testinfra host of the lab (connection variables come from the lab inventory)."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=str(LAB_INVENTORY))
+
+
+class Fleet:
+    """The deployed lab under a scenario's inventory sources, and the load its cases send.
+
+    rates: {queue: tasks per second}; durations: (shortest, longest) seconds a task sleeps.
+    """
+
+    def __init__(self, inventories=(LAB_INVENTORY,), rates=None, durations=(0.0, 5.0)):
+        self.inventories = [str(source) for source in inventories]
+        self.rates, self.durations = rates, durations
+        self.client = fleetload.lab_client(self.inventories, PROJECT)
+        self.host_groups = fleetload.worker_groups(self.inventories, PROJECT)
+        self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
+        self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
+        # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
+        # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
+        # makes batches of one host in each (25% of 2 rounds down to 0, and a batch has at least one host).
+        self.allowed_out = {"web": 1, "batch": 1, "gpu": 1}
+        assert set(self.host_groups.values()) == set(self.allowed_out), self.host_groups
+
+    def units(self):
+        """{host: {unit: MainPID}} of every worker instance."""
+        state = {}
+        for name in self.host_groups:
+            host = lab_host(name)
+            listing = host.check_output("systemctl list-units 'celery-worker@*' --all --plain --no-legend")
+            units = sorted(line.split()[0] for line in listing.splitlines() if line.strip())
+            state[name] = {unit: host.check_output(f"systemctl show -p MainPID --value {unit}") for unit in units}
+        return state
+
+    def releases(self):
+        """{host: the release `current` points at}."""
+        return {name: os.path.basename(lab_host(name).check_output("readlink /opt/celery-fleet/current"))
+                for name in self.host_groups}
+
+    def consuming(self, expected=EXPECTED_NODES, timeout=30.0):
+        return fleetload.discover_nodes(self.client, expected, timeout=timeout)
+
+    def run_playbook(self, playbook, *extra_args, timeout=1200):
+        return fleetload.run_playbook(playbook, *extra_args, inventory=self.inventories, project=PROJECT,
+                                      timeout=timeout)
+
+    def kill_playbook_when(self, playbook, *extra_args, **options):
+        return fleetload.kill_playbook_when(playbook, *extra_args, inventory=self.inventories, **options)
+
+    def under_load(self, operation, label, warmup=8.0, cooldown=5.0, broker_faults=False, complete_timeout=180.0,
+                   durations=None, rates=None):
+        """Run operation() -> (rc, output) while the producer sends tasks; return (rc, output, report)
+        (report["records"]: the ledger). broker_faults: the broker goes away on purpose, so failed publishes
+        (retried) and failed monitor samples are expected and reported instead of failing the case."""
+        load = fleetload.Load(self.client, self.nodes, rates=rates or self.rates, durations=durations or self.durations)
+        load.start()
+        time.sleep(warmup)
+        load.mark("roll_start")
+        rc, output = operation(load)
+        load.mark("roll_end")
+        time.sleep(cooldown)
+        records = load.finish(complete_timeout=complete_timeout)
+        assert not load.producer.errors, load.producer.errors
+        if not broker_faults:
+            assert not load.producer.send_failures, load.producer.send_failures[:5]
+            assert not load.monitor.errors, load.monitor.errors[:5]
+        report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, self.node_groups, load.marks,
+                                   self.allowed_out, load.starts)
+        # Acknowledgements lost with a connection: these tasks run again after the visibility timeout.
+        report["unacked_left"] = len(fleetload.unacked_tokens(self.client, load.ledger.key))
+        report["send_failures"] = len(load.producer.send_failures)
+        report["monitor_errors"] = len(load.monitor.errors)
+        summary = {key: report[key] for key in ("sent", "completed", "lost", "duplicates", "started_again",
+                                                "redelivered", "unknown", "unacked_left", "send_failures", "monitor_errors",
+                                                "sent_per_queue", "ran_per_node", "ran_per_release",
+                                                "max_out_of_service", "allowed_out_of_service", "samples")}
+        summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
+        summary["complete_seconds"] = round(load.marks["complete"] - load.marks["load_stop"], 1)
+        print(f"{label}: {json.dumps(summary, sort_keys=True)}")
+        report["records"] = records
+        report["marks"] = dict(load.marks)
+        return rc, output, report
+
+    def roll_under_load(self, playbook, *extra_args):
+        """Run a playbook under load; return (rc, output, report)."""
+        return self.under_load(lambda load: self.run_playbook(playbook, *extra_args),
+                               f"{playbook} {' '.join(extra_args)}")
+
+    def releases_running(self, timeout=60):
+        """{node: releases its tasks ran on}, under load until every node has run at least one task."""
+        load = fleetload.Load(self.client, self.nodes, rates=self.rates, durations=(0.0, 1.0))
+        load.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and {r["node"] for r in load.ledger.records()} != set(self.nodes):
+            time.sleep(1)
+        seen = {}
+        for record in load.finish():
+            seen.setdefault(record["node"], set()).add(record["release"])
+        return seen
+
+
+def assert_every_task_ran_exactly_once(fleet, report, minimum=100, duplicates_allowed=0):
+    assert report["sent"] >= minimum, f"the producer sent only {report['sent']} tasks"
+    assert set(report["sent_per_queue"]) == {"default", "priority", "batch", "ml"}, report["sent_per_queue"]
+    counts = (report["lost"], report["duplicates"], report["started_again"], report["unknown"])
+    assert report["lost"] == 0 and report["unknown"] == 0 and max(counts[1:3]) <= duplicates_allowed, (
+        f"{report['lost']} task(s) lost {report['lost_tokens']}, {report['duplicates']} run twice "
+        f"{report['duplicated_tokens']}, {report['started_again']} started again {report['started_again_tokens']}, "
+        f"{report['unknown']} unknown, of {report['sent']} sent")
+
+
+def assert_capacity_kept(report):
+    for group, allowed in report["allowed_out_of_service"].items():
+        assert report["max_out_of_service"].get(group, 0) <= allowed, (
+            f"group {group}: {report['max_out_of_service'][group]} node(s) out of service at once "
+            f"({report['worst_moment'][group]}); the batch size allows {allowed}")
+
+
+def assert_rolled(report, nodes):
+    """Each node went out of service exactly once (drain to consuming again), and came back."""
+    for node in nodes:
+        windows = report["windows"][node]
+        assert len(windows) == 1, f"{node}: out-of-service windows {windows}"
+        assert windows[0]["end"] is not None, f"{node} never came back into service"
+
+
+def assert_warm_stops_only(since, stopped_units):
+    """No kill in any worker unit's journal since `since`; every stopped unit logged a warm shutdown."""
+    for name, units in stopped_units.items():
+        host = lab_host(name)
+        for unit in units:
+            journal = host.check_output(f"journalctl --no-pager -o cat --since=@{int(since)} -u {unit}")
+            killed = [line for line in journal.splitlines() if KILLED.search(line)]
+            assert not killed, f"{name} {unit}: {killed}"
+            assert "worker: Warm shutdown (MainProcess)" in journal, f"{name} {unit} did not shut down warmly"
+        # And nothing was killed in the instances that were not stopped either.
+        journal = host.check_output(f"journalctl --no-pager -o cat --since=@{int(since)} -u 'celery-worker@*'")
+        killed = [line for line in journal.splitlines() if KILLED.search(line)]
+        assert not killed, f"{name}: {killed}"
+
+
+def assert_drained_before_stop(since, stopped_units, records):
+    """The drain really drained: every task the old process ran had finished before it got SIGTERM.
+
+    Without a drain, a warm shutdown would still let running tasks finish, after the signal. Tasks
+    carry the PID of the worker's main process, which is the unit's MainPID.
+    """
+    for name, units in stopped_units.items():
+        host = lab_host(name)
+        for unit, pid in units.items():
+            journal = host.check_output(f"journalctl --no-pager -o short-unix --since=@{int(since)} -u {unit}")
+            warm = [float(line.split()[0]) for line in journal.splitlines() if "Warm shutdown (MainProcess)" in line]
+            assert warm, f"{name} {unit}: no warm shutdown"
+            ran = [r["finished"] for r in records if r["host"] == name and str(r["worker_pid"]) == pid]
+            assert ran, f"{name} {unit} (PID {pid}) ran no task of the load before it was stopped"
+            assert max(ran) <= warm[0], (
+                f"{name} {unit}: a task finished {max(ran) - warm[0]:.2f} s after SIGTERM: the node was not drained")
