@@ -1,7 +1,7 @@
 """Faults under load on the lab: what each does to tasks, counted (sent, lost, run twice).
 
 Every case sends ledger tasks to all four queues (every start and end recorded, as in the rolling
-scenario) and prints its counts. The lab runs with a visibility timeout of 120 s here
+scenario) and prints its counts. The lab runs with a visibility timeout of 60 s here
 (molecule/faults/inventory/hosts.yml), so that a lost host's tasks come back within a case.
 
 Order: runs killed half-way (they need a fleet that rolls), the broker stopped before a roll, then
@@ -27,7 +27,7 @@ ROLL_RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
 # web node lost, under 80% of what is left.
 FAULT_RATES = {"default": 0.4, "priority": 0.24, "batch": 0.16, "ml": 0.08}
 FAULT_DURATIONS = (0.0, 20.0)
-VISIBILITY_TIMEOUT = 120
+VISIBILITY_TIMEOUT = 60
 DRAIN_WAIT = "TASK [celery_worker : Drain: wait until the node has no reserved and no active task]"
 INTERRUPTED_RELEASE = "1.4.0"
 NETWORK = "celery-fleet-lab"
@@ -232,7 +232,7 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
 
 def test_a_worker_host_killed_under_load_its_tasks_come_back_after_the_visibility_timeout(fleet):
     """docker kill web2 with tasks running: its tasks stay unacknowledged until the visibility timeout
-    (120 s here) has passed, then any client's restore sweep puts them back and another node runs them.
+    (60 s here) has passed, then any client's restore sweep puts them back and another node runs them.
     A roll started meanwhile refuses before changing anything, naming the lost host."""
     moments = {}
 
