@@ -159,11 +159,13 @@ def memory_bytes(value, variable="a memory size"):
     of 1000, kb/mb/gb of 1024, case-insensitive. Anything else raises an error naming `variable`."""
     from ansible.errors import AnsibleFilterError
 
-    match = re.fullmatch(r"(\d{1,15})([kmg]?b?)", str(value), re.IGNORECASE)
-    if isinstance(value, bool) or not match:
-        raise AnsibleFilterError(f"{variable} must be a Redis memory size: a whole number of bytes, or one with a "
-                                 f"unit k, kb, m, mb, g or gb (e.g. 256mb); got {value!r}")
-    return int(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
+    match = re.fullmatch(r"([0-9]{1,15})([kmg]?b?)", str(value), re.IGNORECASE | re.ASCII)
+    size = int(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()] if match else None
+    # Above a pebibyte nobody means it, and Redis's own parser overflows (17179869184gb reads as no cap).
+    if isinstance(value, bool) or size is None or size > 2 ** 50:
+        raise AnsibleFilterError(f"{variable} must be a Redis memory size up to 1024 TiB: a whole number of "
+                                 f"bytes, or one with a unit k, kb, m, mb, g or gb (e.g. 256mb); got {value!r}")
+    return size
 
 
 def duplicates(values):

@@ -57,13 +57,6 @@ options:
         connections and never answers included).
     type: float
     default: 30.0
-  not_after:
-    description:
-      - Epoch seconds of the step's own deadline (a drain's, a start's). The call's deadline is cut to what is
-        left of it, and a call made after it fails at once, so a step against an unresponsive broker ends on
-        time instead of one full call later. 0 for none.
-    type: float
-    default: 0.0
 author: celery-fleet
 """
 
@@ -205,17 +198,6 @@ def within(seconds, function, *args, **kwargs):
     return outcome["result"]
 
 
-def call_deadline(deadline, not_after, now):
-    """Seconds this call may take: `deadline`, cut to what is left until `not_after` (epoch seconds; 0 for
-    none), at least one second. DeadlineExceeded when not_after has passed."""
-    if not not_after:
-        return deadline
-    left = not_after - now
-    if left <= 0:
-        raise DeadlineExceeded(f"the step's deadline passed {-left:.1f} s ago")
-    return max(1.0, min(deadline, left))
-
-
 def client_app(broker_url, transport_options):
     """A Celery app that talks to the fleet's broker with the fleet's transport options, connecting at
     most twice (kombu's failover options read max_retries from the transport options): a broker that is
@@ -240,21 +222,16 @@ def main():
             "timeout": {"type": "float", "default": 2.0},
             "transport_options": {"type": "dict", "default": {}},
             "deadline": {"type": "float", "default": 30.0},
-            "not_after": {"type": "float", "default": 0.0},
         },
         required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"])],
         supports_check_mode=True,
     )
     if Celery is None:
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
-    try:
-        seconds = call_deadline(module.params["deadline"], module.params["not_after"], time.time())
-    except DeadlineExceeded as error:
-        module.fail_json(msg=f"celery control {module.params['action']} not tried: {error}")
     app = client_app(module.params["broker_url"], module.params["transport_options"])
     try:
         changed, replies = within(
-            seconds, run,
+            module.params["deadline"], run,
             app, module.params["action"], module.params["method"], module.params["destination"],
             module.params["queue"], module.params["timeout"], module.check_mode,
         )

@@ -111,11 +111,12 @@ def kill_playbook_when(playbook: str, *extra_args: str, inventory: str | Path, m
         return re.sub(r"\x1b\[[0-9;]*m", "", log.read())
 
 
-def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str, act, project: Path = PROJECT,
-                        timeout: float = 1200) -> tuple[int, str, dict]:
+def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str, act, watch=(),
+                        project: Path = PROJECT, timeout: float = 1200) -> tuple[int, str, dict]:
     """Run playbooks/<playbook> and call act() once `marker` appears in its output (a fault provoked at a
-    known step, while the run goes on). Returns (exit status, output, {"marker", "acted", "ended"}: epoch
-    seconds). AssertionError when the run ends before the marker."""
+    known step, while the run goes on). Returns (exit status, output, {"marker", "acted", "ended", and each
+    string of `watch` that appeared after the marker: when it first did}: epoch seconds). AssertionError
+    when the run ends before the marker."""
     import tempfile
 
     times = {}
@@ -136,6 +137,13 @@ def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str,
                     raise AssertionError(f"{marker!r} never appeared (rc {process.poll()}):\n{log.read()[-3000:]}")
                 else:
                     time.sleep(0.1)
+            while process.poll() is None and time.monotonic() < deadline:
+                log.seek(0)
+                output = log.read()
+                for text in watch:
+                    if text not in times and text in output:
+                        times[text] = time.time()
+                time.sleep(0.1)
             process.wait(max(1.0, deadline - time.monotonic()))
         finally:
             if process.poll() is None:
@@ -143,7 +151,10 @@ def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str,
                 process.wait(30)
         times["ended"] = time.time()
         log.seek(0)
-        return process.returncode, re.sub(r"\x1b\[[0-9;]*m", "", log.read()), times
+        output = log.read()
+        for text in watch:
+            times.setdefault(text, times["ended"] if text in output else None)
+        return process.returncode, re.sub(r"\x1b\[[0-9;]*m", "", output), times
 
 
 def unacked_tokens(client: FleetClient, ledger_key: str) -> list[str]:

@@ -132,7 +132,7 @@ def test_memory_bytes_reads_sizes_as_redis_conf_does(value, expected):
 
 
 @pytest.mark.parametrize("value", ["64 MiB", "-1", "", "1tb", "64mb\n", "64mb maxmemory-policy noeviction", True,
-                                   None, "9" * 16])
+                                   None, "9" * 16, "17179869184gb", "999999999999999gb", "\u0666\u0664mb"])
 def test_memory_bytes_refuses_anything_else_naming_the_variable(value):
     with pytest.raises(AnsibleFilterError, match="celery_broker_results_maxmemory must be a Redis memory size"):
         cf.memory_bytes(value, "celery_broker_results_maxmemory")
