@@ -15,6 +15,8 @@ import fleetload
 
 PROJECT = fleetload.PROJECT
 LAB_INVENTORY = PROJECT / "inventories" / "lab"
+# The rolling scenario's lab: the lab inventory, then its own source (a short visibility timeout).
+ROLLING_INVENTORIES = [LAB_INVENTORY, PROJECT / "molecule" / "rolling" / "inventory"]
 # The lab runs web-worker@web1, @web2, batch-worker@batch1 and two GPU instances on gpu1.
 EXPECTED_NODES = 5
 # Lines that mean a task or a worker was killed, or a stop did not end warmly.

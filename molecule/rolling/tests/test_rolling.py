@@ -35,7 +35,7 @@ DEPLOYED_BROKEN_RELEASE = "1.5.0-broken"
 
 @pytest.fixture(scope="module")
 def fleet():
-    return fleetlab.Fleet(rates=RATES)
+    return fleetlab.Fleet(fleetlab.ROLLING_INVENTORIES, rates=RATES)
 
 
 def assert_every_task_ran_exactly_once(fleet, report, minimum=100):

@@ -1,8 +1,8 @@
 """Faults under load on the lab: what each does to tasks, counted (sent, lost, run twice).
 
-Every case sends ledger tasks to all four queues (every start and end recorded, as in the rolling
-scenario) and prints its counts. The lab runs with a visibility timeout of 60 s here
-(molecule/faults/inventory/hosts.yml), so that a lost host's tasks come back within a case.
+Every case sends ledger tasks to all four queues (every start and end recorded, as in test_rolling.py,
+which runs first on the same lab) and prints its counts. The lab runs with a visibility timeout of 60 s
+(molecule/rolling/inventory/hosts.yml), so that a lost host's tasks come back within a case.
 
 Order: runs killed half-way (they need a fleet that rolls), the broker stopped before a roll, then
 restarted, killed and frozen under load, a worker host killed, one cut from the network, and results
@@ -18,9 +18,9 @@ import uuid
 import pytest
 
 import fleetlab
-from fleetlab import EXPECTED_NODES, PROJECT, lab_host
+from fleetlab import EXPECTED_NODES, lab_host
 
-INVENTORIES = [PROJECT / "inventories" / "lab", PROJECT / "molecule" / "faults" / "inventory"]
+INVENTORIES = fleetlab.ROLLING_INVENTORIES
 # Runs that roll: tasks of 0-5 s, at the rolling scenario's rates (about 40% of the fleet's slots).
 ROLL_RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
 # Faults: tasks of 0-20 s (10 s on average), at about 40% of the slots (web 16, batch 4, gpu 2); with a
