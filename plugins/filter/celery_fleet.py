@@ -168,6 +168,33 @@ def memory_bytes(value, variable="a memory size"):
     return size
 
 
+# Variables the role writes itself (celery.env and the instance files): an extra variable must not hide one.
+FLEET_ENVIRONMENT = ("CELERY_APP", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_TASK_ACKS_LATE",
+                     "CELERY_TASK_REJECT_ON_WORKER_LOST", "CELERY_RESULT_EXPIRES", "CELERY_BROKER_TRANSPORT_OPTIONS",
+                     "CELERY_BROKER_VISIBILITY_TIMEOUT", "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES")
+
+
+def environment_errors(variables, variable="celery_worker_extra_environment"):
+    """Errors in extra environment variables ({name: value}), each naming the variable. The file is read by
+    systemd (EnvironmentFile) and sourced by sh (the celery-fleet command), so a value is written in double
+    quotes and may hold nothing either reads differently: no newline, '"', '\\', '$' or '`'."""
+    if not isinstance(variables, dict):
+        return [f"{variable} must be a mapping of names to values; got {type(variables).__name__}."]
+    errors = []
+    for name, value in variables.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name, re.ASCII):
+            errors.append(f"{variable}: {name!r} is not a variable name (a letter or '_', then letters, digits, "
+                          f"'_'; up to 128).")
+        elif name in FLEET_ENVIRONMENT:
+            errors.append(f"{variable}: {name} is set by the role itself; use the role's variable for it.")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            errors.append(f"{variable}[{name!r}] must be a string or a number; got {type(value).__name__}.")
+        elif re.search(r'[\n\r\0"\\$`]', str(value)) or len(str(value)) > 4096:
+            errors.append(f"{variable}[{name!r}] may not hold a newline, NUL, '\"', '\\', '$' or '`' (the file is "
+                          f"read by systemd and by sh) nor exceed 4096 characters.")
+    return errors
+
+
 def duplicates(values):
     """Values that occur more than once, sorted."""
     seen, repeated = set(), set()
@@ -555,6 +582,7 @@ class FilterModule:
             "celery_fleet_worker_arguments": worker_arguments,
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
+            "celery_fleet_environment_errors": environment_errors,
             "celery_fleet_unreached": unreached,
             "celery_fleet_memory_bytes": memory_bytes,
             "celery_fleet_in_service": in_service,

@@ -151,3 +151,25 @@ def test_unreached_names_each_host_that_did_not_answer_with_its_connection_s_rea
         {"host": "web2", "reason": "web2: Error response from daemon: Container 2b4f is not running"},
         {"host": "web3", "reason": "web3: Failed to connect to the host via ssh: timed out"},
         {"host": "web4", "reason": "web4: no answer"}]
+
+
+def test_extra_environment_accepts_plain_names_and_values():
+    assert cf.environment_errors({"DJANGO_SETTINGS_MODULE": "proj.settings", "WORKERS": 4, "_X": "a b:c/d"}) == []
+
+
+@pytest.mark.parametrize("variables, fragment", [
+    ({"BAD NAME": "x"}, "'BAD NAME' is not a variable name"),
+    ({"1ABC": "x"}, "'1ABC' is not a variable name"),
+    ({"CELERY_BROKER_URL": "redis://evil"}, "CELERY_BROKER_URL is set by the role itself"),
+    ({"A": 'say "hi"'}, "celery_worker_extra_environment['A'] may not hold a newline"),
+    ({"A": "line\nINJECTED=1"}, "may not hold a newline"),
+    ({"A": "$(reboot)"}, "may not hold a newline"),
+    ({"A": "`id`"}, "may not hold a newline"),
+    ({"A": "back\\slash"}, "may not hold a newline"),
+    ({"A": "x" * 4097}, "nor exceed 4096 characters"),
+    ({"A": True}, "must be a string or a number; got bool"),
+    ({"A": ["list"]}, "must be a string or a number; got list"),
+    (["A=1"], "must be a mapping of names to values"),
+])
+def test_extra_environment_refuses_what_systemd_and_sh_would_read_differently(variables, fragment):
+    assert fragment in " ".join(cf.environment_errors(variables))

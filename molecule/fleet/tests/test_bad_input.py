@@ -1,8 +1,9 @@
 """Bad input stops site.yml before any host changes, with a message naming the variable and what is
 allowed. Every per-setting case is a fast unit test (tests/unit/test_settings.py); these run end to end
 one case of each kind of check: a per-setting error (the settings filter), a type the argument spec
-refuses, each fleet-wide check (node names, GPUs), the profile a host takes, the release id, and
-changed sources under a deployed release id."""
+refuses, each fleet-wide check (node names, GPUs), the profile a host takes, the release id (a path, a
+space), GPU ids, the extra environment, the broker's memory caps, and changed sources under a deployed
+release id."""
 
 import json
 import shutil
@@ -42,6 +43,19 @@ CASES = {
     "release-id-with-a-path": (
         {"celery_worker_release": "../../etc"},
         ["celery_worker_release must start with a letter or digit", "got \"../../etc\""]),
+    "release-id-with-a-space": (
+        {"celery_worker_release": "1.0 final"},
+        ["celery_worker_release must start with a letter or digit", "got \"1.0 final\""]),
+    "duplicate-gpu-ids": (
+        {"celery_worker_gpu_devices": ["0", "0"]},
+        ["celery_worker_gpu_devices must list distinct device ids", "got [\"0\", \"0\"]"]),
+    "extra-environment-injection": (
+        {"celery_worker_extra_environment": {"GREETING": "hi\"\nCELERY_BROKER_URL=redis://evil"}},
+        ["celery_worker_extra_environment['GREETING'] may not hold a newline"]),
+    "results-cap-too-small": (
+        {"celery_broker_results_maxmemory": "1mb"},
+        ["celery_broker_results_maxmemory must be \"0\" (results in the queue instance, no cap) or at least 32mb",
+         "got \"1mb\""]),
 }
 
 

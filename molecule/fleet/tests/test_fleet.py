@@ -1,5 +1,6 @@
 """The deployed fleet, checked through Celery's own control API and real tasks."""
 
+import base64
 import time
 
 import pytest
@@ -104,3 +105,29 @@ def test_sigkill_of_a_worker_is_restarted_by_systemd_and_rejoins(host):
     else:
         pytest.fail(f"{unit} did not come back (MainPID {new_pid})")
     assert int(web1.check_output(f"systemctl show -p NRestarts --value {unit}")) >= 1
+
+
+def test_a_package_planted_by_the_worker_user_is_never_imported(host):
+    """A task (running as celery) plants a celery_fleet_app package where it can: its home, the state
+    directory (the old working directory). It cannot write the working directory (the release); after a
+    restart the worker still imports the release's package."""
+    web1 = lab_host("web1")
+    unit = "celery-worker@web.service"
+    planted = "/var/lib/celery-fleet/celery_fleet_app"
+    web1.run_expect([0], f"runuser -u celery -- mkdir -p {planted}")
+    code = base64.b64encode(b'raise SystemExit("planted package imported")\n').decode()
+    web1.run_expect([0], f"runuser -u celery -- python3 -c \"import base64; open('{planted}/__init__.py', 'w')"
+                         f".write(base64.b64decode('{code}').decode())\"")
+    refused = web1.run("runuser -u celery -- mkdir /opt/celery-fleet/current/celery_fleet_app")
+    assert refused.rc != 0 and "Permission denied" in refused.stderr, refused.stderr
+    try:
+        since = int(time.time())
+        web1.run_expect([0], f"systemctl restart {unit}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "web-worker@web1" not in control(host, "ping", timeout=2):
+            time.sleep(1)
+        journal = web1.check_output(f"journalctl --no-pager -o cat --since=@{since} -u {unit}")
+        assert "planted package imported" not in journal
+        assert "web-worker@web1" in control(host, "ping", timeout=2), journal[-2000:]
+    finally:
+        web1.run(f"rm -rf {planted}")
