@@ -341,8 +341,10 @@ class Producer(threading.Thread):
             try:
                 self.app.send_task(LEDGER_TASK, args=[seconds, token, self.ledger.key], queue=queue)
                 break
+            # AttributeError: kombu 5.7.0 tearing down a connection the broker dropped ('NoneType' object
+            # has no attribute 'client'), the client-side face of the bug in README "Failure modes".
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                    redis.exceptions.BusyLoadingError, OSError) as error:
+                    redis.exceptions.BusyLoadingError, OSError, AttributeError) as error:
                 self.send_failures.append(f"{time.time():.1f} {error!r}")
                 if self._halt.wait(0.5):
                     return
@@ -398,10 +400,9 @@ class Monitor(threading.Thread):
     def sample(self) -> dict:
         at = time.time()
         consumed = self._consumed(limit=len(self.nodes))
-        previous = self.samples[-1]["in_service"] if self.samples else {}
-        # A node that was in service and did not answer this time is asked again, alone and with more
-        # patience: a slow reply must not pass for an outage.
-        late = [node for node in self.nodes if node not in consumed and previous.get(node, True)]
+        # A node that did not answer this time is asked again, alone and with more patience: a slow reply
+        # (a node just back, on a busy host) must not pass for an outage.
+        late = [node for node in self.nodes if node not in consumed]
         if late:
             consumed.update(self._consumed(destination=late, timeout=max(1.5, 3 * self.timeout)))
         in_service = {node: consumed.get(node) == queues for node, queues in self.nodes.items()}
