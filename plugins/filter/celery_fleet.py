@@ -122,14 +122,15 @@ def in_service(nodes, active_queues, expected):
     active_queues: {node: [{"name": queue, ...}, ...]} as Celery's inspect returns it;
     expected: {node: [queue, ...]}. A node not in `expected` is never in service.
     """
-    serving = []
-    for node in nodes:
-        if node not in expected or node not in (active_queues or {}):
-            continue
-        consumed = {queue.get("name") for queue in active_queues[node] or []}
-        if set(expected[node]) <= consumed:
-            serving.append(node)
-    return serving
+    return [node for node in nodes if node in expected and not _service_gap(node, active_queues, expected[node])]
+
+
+def _service_gap(node, active_queues, queues):
+    """Why `node` is not in service ('' when it is): it did not answer active_queues, or it lacks queues."""
+    if node not in (active_queues or {}):
+        return f"{node} does not answer"
+    lacking = sorted(set(queues) - {queue.get("name") for queue in active_queues[node] or []})
+    return f"{node} does not consume {', '.join(lacking)}" if lacking else ""
 
 
 def unreached(ping_results):
@@ -494,16 +495,7 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
                    f"the number of the group's other known nodes that must be in service")
     elif len(serving) < needed:
         # Name the nodes the inventory expects that are not in service, and why: a lost host shows up here.
-        missing = []
-        for other in counted:
-            if other in serving:
-                continue
-            if other not in (active_queues or {}):
-                missing.append(f"{other} does not answer")
-            else:
-                consumed = {queue.get("name") for queue in active_queues[other] or []}
-                lacking = sorted(set(expected[other]) - consumed)
-                missing.append(f"{other} does not consume {', '.join(lacking)}")
+        missing = [_service_gap(other, active_queues, expected[other]) for other in counted if other not in serving]
         if unknown:
             missing.append(f"host(s) {', '.join(unknown)} of group {group} are not in this run, their nodes unknown")
         refusal = (f"Capacity guard: {len(serving)} other node(s) of group {group} are in service "
