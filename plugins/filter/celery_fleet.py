@@ -170,9 +170,10 @@ def memory_bytes(value, variable="a memory size"):
 
 
 # Variables the role writes itself (celery.env and the instance files): an extra variable must not hide one.
-FLEET_ENVIRONMENT = ("CELERY_APP", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_TASK_ACKS_LATE",
+FLEET_ENVIRONMENT = ("CELERY_APP", "CELERY_FLEET_APP", "CELERY_FLEET_RUNTIME_DIGEST", "PYTHONPATH",
+                     "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_TASK_ACKS_LATE",
                      "CELERY_TASK_REJECT_ON_WORKER_LOST", "CELERY_RESULT_EXPIRES", "CELERY_BROKER_TRANSPORT_OPTIONS",
-                     "CELERY_BROKER_VISIBILITY_TIMEOUT", "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES")
+                     "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES")
 
 
 def environment_errors(variables, variable="celery_worker_extra_environment"):
@@ -394,6 +395,21 @@ def fleet_time_limit(hosts_vars, defaults, profiles, spec):
     return max(limits, default=0)
 
 
+def fleet_queues(hosts_vars, defaults, profiles, spec):
+    """{profile: sorted queues} over every worker host given (the inventory's, as fleet_time_limit), from each
+    host's own layers: what the application check compares the app's routes with."""
+    queues = {}
+    for host_vars in hosts_vars:
+        result = worker_settings(host_vars.get("celery_worker_defaults", defaults),
+                                 host_vars.get("celery_worker_profiles", profiles),
+                                 host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
+                                 host_vars.get("celery_worker_group_settings", {}),
+                                 host_vars.get("celery_worker_host_settings", {}), spec)
+        if result["profile"] and isinstance(result["settings"].get("queues"), list):
+            queues.setdefault(result["profile"], set()).update(str(q) for q in result["settings"]["queues"])
+    return {profile: sorted(names) for profile, names in sorted(queues.items())}
+
+
 def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeout):
     """kombu's Redis transport options for the fleet: every client (workers, the control module, the load
     tools) uses these, since any client that polls the broker restores unacknowledged messages older
@@ -404,6 +420,66 @@ def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeo
     computed = int(visibility_timeout) or max(3600, int(fleet_time_limit) + int(margin))
     return {"visibility_timeout": computed, "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(socket_timeout), "socket_keepalive": True}
+
+
+# --- The operator's application: what the release's check found, judged --------------------------------
+
+
+def app_findings(report, group_queues, transport_options, acks_late=True, reject_on_worker_lost=True,
+                 app="the application"):
+    """Judge the report of `python -m celery_fleet_runtime check` (the runtime's __main__).
+
+    Errors break a guarantee the fleet gives and stop the deploy: a task that runs with acks_late or
+    reject_on_worker_lost off while the fleet asks for them (declared on the task or its base class, or
+    bound from the app's own settings when the app was finalized at import), and an app-level visibility
+    timeout below the fleet's (the app's clients outside the fleet, a web server say, would hand a running
+    task to a second worker). Warnings: queues the app routes to that no group consumes (tasks wait there
+    for ever), groups consuming queues nothing routes to, routes the check could not work out.
+    Returns {"errors": [...], "warnings": [...]}.
+    """
+    errors, warnings = [], []
+    finalized = report.get("finalized_before_fleet_settings")
+    where = ("declared on the task or its base class, or bound from the app's own settings: the app was "
+             "finalized when imported, before the fleet's settings applied" if finalized
+             else "declared on the task or its base class")
+    for name, task in sorted(report.get("tasks", {}).items()):
+        if acks_late and not task.get("acks_late"):
+            errors.append(f"{app}: task {name} runs with acks_late=False ({where}): a task whose worker dies "
+                          f"or is killed while it runs is lost. Remove acks_late=False so the fleet's "
+                          f"celery_worker_task_acks_late applies.")
+        if reject_on_worker_lost and not task.get("reject_on_worker_lost"):
+            errors.append(f"{app}: task {name} runs with reject_on_worker_lost=False ({where}): a task whose "
+                          f"worker process is killed is acknowledged, not requeued. Remove it so the fleet's "
+                          f"celery_worker_task_reject_on_worker_lost applies.")
+    own = report.get("app_visibility_timeout")
+    fleet = transport_options.get("visibility_timeout")
+    if own is not None and fleet is not None and float(own) < float(fleet):
+        errors.append(f"{app}: broker_transport_options['visibility_timeout'] is {own} s in the app's own "
+                      f"settings, below the fleet's {fleet} s: any client of the app outside the fleet puts "
+                      f"back tasks still running longer than that, and a second worker runs them. Remove it "
+                      f"or set it to at least {fleet}.")
+    consumed = {queue: sorted(group for group, queues in group_queues.items() if queue in queues)
+                for queues in group_queues.values() for queue in queues}
+    routed = {}
+    for name, task in sorted(report.get("tasks", {}).items()):
+        if task.get("route_error"):
+            warnings.append(f"{app}: task {name}: its route could not be worked out without arguments "
+                            f"({task['route_error']}); check by hand that a group consumes its queue.")
+        elif task.get("queue"):
+            routed.setdefault(task["queue"], []).append(name)
+    for queue, names in sorted(routed.items()):
+        if queue not in consumed:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            warnings.append(f"{app}: queue {queue} (task {shown}) is consumed by no group: its tasks would "
+                            f"wait there. Groups consume: " + "; ".join(
+                                f"{group}: {', '.join(queues)}" for group, queues in sorted(group_queues.items())))
+    default_queue = report.get("default_queue")
+    for group, queues in sorted(group_queues.items()):
+        idle = [queue for queue in queues if queue not in routed and queue != default_queue]
+        if idle:
+            warnings.append(f"{app}: group {group} consumes {', '.join(idle)}, where none of the app's tasks "
+                            f"is routed (tasks sent by name with an explicit queue still arrive).")
+    return {"errors": errors, "warnings": warnings}
 
 
 # --- Rolling: order and batches, capacity guard, drain deadline ---------------------------------------
@@ -587,4 +663,6 @@ class FilterModule:
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
+            "celery_fleet_fleet_queues": fleet_queues,
+            "celery_fleet_app_findings": app_findings,
         }

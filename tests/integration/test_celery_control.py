@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import celery_control
+import localredis
 
 APP_SRC = Path(__file__).resolve().parents[2] / "app" / "src"
 NODE = "unit-worker@localhost"
@@ -21,29 +22,10 @@ NODE = "unit-worker@localhost"
 assert shutil.which("redis-server"), "redis-server is needed: run ./fleet setup"
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def broker_url(tmp_path_factory):
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    yield url
-    redis.terminate()
-    redis.wait(10)
+    with localredis.redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

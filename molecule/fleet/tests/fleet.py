@@ -42,7 +42,7 @@ def control(host, method, timeout=3):
     """Celery's inspect/ping over the broker, from a worker host: {node: reply}."""
     return run_python(host, f"""
 import json
-from celery_fleet_app import app
+from celery_fleet_runtime import app
 if {method!r} == "ping":
     replies = {{}}
     for reply in app.control.ping(timeout={timeout}):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fleet import run_python
+from fleet import control, run_python
 
 testinfra_hosts = ["ansible://workers"]
 
@@ -39,13 +39,20 @@ def test_visibility_timeout_exceeds_the_longest_hard_limit(host):
     assert options["socket_timeout"] > 0 and options["socket_connect_timeout"] > 0
 
 
-def test_the_worker_runs_with_the_fleet_s_transport_options(host):
-    """What the worker's app really holds, not only what the file says."""
-    options = run_python(host, "import json; from celery_fleet_app import app; "
-                               "print(json.dumps(app.conf.broker_transport_options))")
+def test_the_running_workers_hold_the_fleet_s_settings(host):
+    """What each running worker's app really holds (celery inspect conf), not what the files say: the example
+    app sets none of these itself, the runtime applies them over it."""
     env = host.file("/etc/celery-fleet/celery.env").content_string
     line = next(ln for ln in env.splitlines() if ln.startswith("CELERY_BROKER_TRANSPORT_OPTIONS="))
-    assert options == json.loads(line.split("=", 1)[1].strip("'"))
+    expected = json.loads(line.split("=", 1)[1].strip("'"))
+    hostname = host.check_output("hostname")
+    confs = {node: conf for node, conf in control(host, "conf").items() if node.endswith(f"@{hostname}")}
+    assert confs, f"no node of {hostname} answered inspect conf"
+    for node, conf in confs.items():
+        assert conf["task_acks_late"] is True, node
+        assert conf["task_reject_on_worker_lost"] is True, node
+        assert conf["broker_transport_options"] == expected, node
+        assert conf["task_default_queue"] == "default", node  # the app's own setting stays
 
 
 def test_current_points_at_a_release_with_an_offline_venv(host):

@@ -1,0 +1,103 @@
+"""celery-fleet's runtime: the operator's Celery app, with the fleet's delivery, transport and result settings.
+
+Every worker and every client the fleet runs names ``celery_fleet_runtime:app`` as its app. Importing that
+attribute imports the operator's app (``CELERY_FLEET_APP``: ``module`` or ``module:attribute``, found the way
+``celery --app`` finds one) and applies the settings the fleet owns on top of whatever the app configured:
+late acknowledgement, requeue on a lost worker process, the broker and result URLs, kombu's transport options
+(the visibility timeout above the fleet's longest hard time limit, the socket timeouts) and result expiry.
+Everything else (routes, serializers, task modules, beat schedule) stays the app's.
+
+The role installs this package outside the releases (root's, on PYTHONPATH through the environment file), so
+that every release, an older one a failed roll goes back to included, runs with the same guarantees.
+Standard library and Celery's public API only: it runs with whatever Celery a release pins.
+"""
+
+import importlib
+import json
+import os
+
+APP_VARIABLE = "CELERY_FLEET_APP"
+
+# Task attributes the fleet's guarantees rest on, with the setting each is bound from at finalize.
+GUARANTEED_TASK_OPTIONS = {"acks_late": "task_acks_late", "reject_on_worker_lost": "task_reject_on_worker_lost"}
+
+# What the fleet found when it applied its settings to each app: {id(app): {...}} (the check reports it).
+APPLIED = {}
+
+
+def _flag(environ, name, default):
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def fleet_settings(environ=None):
+    """The settings the fleet owns, from the environment file the role writes. Unset variables leave the
+    app's own value, except the delivery guarantees, which default to on."""
+    environ = os.environ if environ is None else environ
+    settings = {
+        "task_acks_late": _flag(environ, "CELERY_TASK_ACKS_LATE", True),
+        "task_reject_on_worker_lost": _flag(environ, "CELERY_TASK_REJECT_ON_WORKER_LOST", True),
+        # A worker started while the broker restarts waits for it instead of exiting.
+        "broker_connection_retry_on_startup": True,
+    }
+    if environ.get("CELERY_BROKER_URL"):
+        settings["broker_url"] = environ["CELERY_BROKER_URL"]
+    if environ.get("CELERY_RESULT_BACKEND"):
+        settings["result_backend"] = environ["CELERY_RESULT_BACKEND"]
+    if environ.get("CELERY_RESULT_EXPIRES"):
+        settings["result_expires"] = int(environ["CELERY_RESULT_EXPIRES"])
+    options = json.loads(environ.get("CELERY_BROKER_TRANSPORT_OPTIONS") or "{}")
+    if options:
+        settings["broker_transport_options"] = options
+        if "socket_timeout" in options:
+            settings["redis_socket_timeout"] = options["socket_timeout"]
+        if "socket_connect_timeout" in options:
+            settings["redis_socket_connect_timeout"] = options["socket_connect_timeout"]
+    return settings
+
+
+def apply(app, settings):
+    """Apply the fleet's settings over the app's. The app's other transport options (key prefix, priority
+    steps, ...) stay; the fleet's win where both set one. Returns what the app had, for the check."""
+    conf = app.conf  # reading it loads the app's configuration (Django settings included) first
+    own_options = dict(conf.broker_transport_options or {})
+    found = {
+        "finalized_before_fleet_settings": bool(app.finalized),
+        "app_settings": {name: conf.get(name) for name in sorted(settings) if name != "broker_transport_options"},
+        "app_transport_options": own_options,
+    }
+    found["app_settings"].pop("broker_url", None)  # may hold a password
+    found["app_settings"].pop("result_backend", None)
+    merged = dict(settings)
+    if "broker_transport_options" in settings:
+        merged["broker_transport_options"] = {**own_options, **settings["broker_transport_options"]}
+    conf.update(merged)
+    APPLIED[id(app)] = found
+    return found
+
+
+def load(spec=None, environ=None):
+    """The operator's app with the fleet's settings applied. Imports with the normal import path only (never
+    the current directory first, as ``celery --app`` would)."""
+    from celery import Celery
+    from celery.app.utils import find_app
+
+    environ = os.environ if environ is None else environ
+    spec = spec or environ.get(APP_VARIABLE)
+    if not spec:
+        raise RuntimeError(f"{APP_VARIABLE} is not set: it names the application, as module or module:attribute")
+    app = find_app(spec, imp=importlib.import_module)
+    if not isinstance(app, Celery):
+        raise RuntimeError(f"{APP_VARIABLE}={spec} is a {type(app).__name__}, not a Celery application")
+    apply(app, fleet_settings(environ))
+    return app
+
+
+def __getattr__(name):
+    """``celery_fleet_runtime:app``: loaded on first use, once per process."""
+    if name == "app":
+        app = globals()["app"] = load()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,63 @@
+"""``python -m celery_fleet_runtime check``: what the operator's app does with the fleet's guarantees.
+
+Reads ``{"app": "module:attribute", "environment": {...}}`` as JSON on stdin (the environment the workers
+get; passed on stdin so that no value lands on a command line), imports the app through the runtime exactly
+as a worker does, imports its task modules and prints one JSON report on stdout: the settings the app had
+before the fleet's, and for each task the delivery options it runs with and the queue it is routed to.
+Judging the report (what breaks a guarantee, what is only odd) is the role's filter's job
+(celery_fleet_app_findings), not this one's: this only looks.
+"""
+
+import json
+import os
+import sys
+
+import celery_fleet_runtime
+
+
+def _queue_name(options):
+    queue = options.get("queue")
+    return getattr(queue, "name", queue)
+
+
+def report(app):
+    """The facts the role judges, for an app the runtime loaded."""
+    found = celery_fleet_runtime.APPLIED[id(app)]
+    app.loader.import_default_modules()  # include, imports and Django's autodiscover_tasks
+    router = app.amqp.router
+    tasks = {}
+    for name, task in sorted(app.tasks.items()):  # finalizes the app: tasks bind their options here
+        if name.startswith("celery."):
+            continue
+        entry = {option: getattr(task, option, None) for option in celery_fleet_runtime.GUARANTEED_TASK_OPTIONS}
+        try:
+            own = {"queue": task.queue} if getattr(task, "queue", None) else {}
+            entry["queue"] = _queue_name(router.route(own, name, (), {}, task))
+        except Exception as error:  # a router that needs real arguments: say so, do not guess
+            entry["queue"] = None
+            entry["route_error"] = f"{type(error).__name__}: {error}"
+        tasks[name] = entry
+    return {
+        "main": app.main,
+        "finalized_before_fleet_settings": found["finalized_before_fleet_settings"],
+        "app_settings": found["app_settings"],
+        "app_visibility_timeout": found["app_transport_options"].get("visibility_timeout"),
+        "visibility_timeout": (app.conf.broker_transport_options or {}).get("visibility_timeout"),
+        "task_acks_late": app.conf.task_acks_late,
+        "default_queue": app.conf.task_default_queue,
+        "tasks": tasks,
+    }
+
+
+def main(argv):
+    if argv[1:] != ["check"]:
+        sys.exit("usage: python -m celery_fleet_runtime check < request.json")
+    request = json.load(sys.stdin)
+    os.environ.update({str(name): str(value) for name, value in (request.get("environment") or {}).items()})
+    app = celery_fleet_runtime.load(request["app"])
+    json.dump(report(app), sys.stdout, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
