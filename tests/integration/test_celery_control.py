@@ -201,7 +201,7 @@ def test_the_deadline_ends_any_call():
 
 
 def test_a_control_call_to_a_stopped_broker_fails_at_once():
-    port = free_port()  # nothing listens there
+    port = localredis.free_port()  # nothing listens there
     app = celery_control.client_app(f"redis://127.0.0.1:{port}/0", FLEET_OPTIONS)
     started = time.monotonic()
     with pytest.raises(Exception):

@@ -52,6 +52,10 @@ CASES = {
     "extra-environment-injection": (
         {"celery_worker_extra_environment": {"GREETING": "hi\"\nCELERY_BROKER_URL=redis://evil"}},
         ["celery_worker_extra_environment['GREETING'] may not hold a newline"]),
+    "app-module-that-is-not-a-python-name": (
+        {"celery_worker_app_module": "../acme tasks"},
+        ["celery_worker_app_module must name the Celery app as module or module:attribute",
+         "got \"../acme tasks\""]),
     "results-cap-too-small": (
         {"celery_broker_results_maxmemory": "1mb"},
         ["celery_broker_results_maxmemory must be \"0\" (results in the queue instance, no cap) or at least 32mb",

@@ -1,16 +1,10 @@
 """A dry run of the deploy (site.yml --check --diff) on the fresh lab, where nothing is deployed yet: it
-fails nowhere, shows what a deploy would change on every host, and changes nothing. The fleet scenario
-checks the same dry run on a deployed lab (it must show no change there)."""
-
-import testinfra
+fails nowhere, shows what a deploy would change on every host, and changes nothing. test_playbooks.py
+checks the same dry run on a deployed lab (it must show no change there). Runs in the fleet scenario's
+first verify, before converge (conftest.py)."""
 
 import fleetload
-
-INVENTORY = str(fleetload.PROJECT / "inventories" / "lab")
-
-
-def lab_host(name):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+from fleet import INVENTORY, lab_host
 
 
 def test_a_dry_run_on_the_fresh_lab_shows_changes_fails_nowhere_and_changes_nothing():
