@@ -197,6 +197,31 @@ def environment_errors(variables, variable="celery_worker_extra_environment"):
     return errors
 
 
+def wheelhouse_source_errors(index_url, extra_index_urls, find_links):
+    """Errors in where the controller gets wheels from, each naming the variable (and an item's position, never an
+    index URL itself: it may hold credentials)."""
+    errors = []
+
+    def url_ok(url):
+        return isinstance(url, str) and re.fullmatch(r"https?://[^\s/@]+(@[^\s/@]+)?(/\S*)?", url, re.ASCII)
+
+    if index_url != "" and not url_ok(index_url):
+        errors.append("celery_worker_wheelhouse_index_url must be \"\" (pip's own index) or an http:// or https:// URL "
+                      "with no spaces.")
+    if not isinstance(extra_index_urls, list):
+        errors.append("celery_worker_wheelhouse_extra_index_urls must be a list of http:// or https:// URLs.")
+    else:
+        errors += [f"celery_worker_wheelhouse_extra_index_urls[{position}] must be an http:// or https:// URL with no "
+                   f"spaces." for position, url in enumerate(extra_index_urls) if not url_ok(url)]
+    if not isinstance(find_links, list):
+        errors.append("celery_worker_wheelhouse_find_links must be a list of absolute directory paths.")
+    else:
+        errors += [f"celery_worker_wheelhouse_find_links[{position}] must be an absolute directory path on the "
+                   f"controller; got {_show(path)}." for position, path in enumerate(find_links)
+                   if not (isinstance(path, str) and path.startswith("/") and "\n" not in path)]
+    return errors
+
+
 def duplicates(values):
     """Values that occur more than once, sorted."""
     seen, repeated = set(), set()
@@ -651,6 +676,7 @@ class FilterModule:
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
             "celery_fleet_environment_errors": environment_errors,
+            "celery_fleet_wheelhouse_source_errors": wheelhouse_source_errors,
             "celery_fleet_unreached": unreached,
             "celery_fleet_memory_bytes": memory_bytes,
             "celery_fleet_in_service": in_service,

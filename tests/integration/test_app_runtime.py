@@ -43,7 +43,8 @@ def check(source, app, environment=None):
                    if name.startswith("CELERY_") and name not in os.environ}
     result = subprocess.run(
         [sys.executable, "-P", "-m", "celery_fleet_runtime", "check"],
-        input=json.dumps({"app": app, "environment": {**request_env, **(environment or {})}}), capture_output=True, text=True,
+        input=json.dumps({"app": app, "environment": {**request_env, **(environment or {})}}),
+        capture_output=True, text=True,
         env=dict(os.environ, PYTHONPATH=f"{RUNTIME}{os.pathsep}{source}"), timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

@@ -173,3 +173,20 @@ def test_extra_environment_accepts_plain_names_and_values():
 ])
 def test_extra_environment_refuses_what_systemd_and_sh_would_read_differently(variables, fragment):
     assert fragment in " ".join(cf.environment_errors(variables))
+
+
+def test_wheelhouse_sources_are_checked_without_echoing_an_index_url():
+    assert cf.wheelhouse_source_errors("", [], []) == []
+    assert cf.wheelhouse_source_errors("https://ci:t0ken@pypi.internal/simple", ["http://127.0.0.1:8080/simple/"],
+                                       ["/srv/wheels"]) == []
+    errors = cf.wheelhouse_source_errors("ftp://ci:t0ken@mirror/simple", ["https://ok/simple", "https://a b"],
+                                         ["wheels", "/srv/wheels"])
+    assert errors == [
+        "celery_worker_wheelhouse_index_url must be \"\" (pip's own index) or an http:// or https:// URL with no "
+        "spaces.",
+        "celery_worker_wheelhouse_extra_index_urls[1] must be an http:// or https:// URL with no spaces.",
+        "celery_worker_wheelhouse_find_links[0] must be an absolute directory path on the controller; got 'wheels'."]
+    assert "t0ken" not in " ".join(errors)
+    assert cf.wheelhouse_source_errors("", "https://one", "/srv") == [
+        "celery_worker_wheelhouse_extra_index_urls must be a list of http:// or https:// URLs.",
+        "celery_worker_wheelhouse_find_links must be a list of absolute directory paths."]

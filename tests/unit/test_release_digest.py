@@ -3,6 +3,8 @@
 import shutil
 from pathlib import Path
 
+import pytest
+
 import build_wheelhouse
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -43,3 +45,23 @@ def test_a_changed_source_file_a_new_file_or_a_changed_lock_changes_it(tmp_path)
     lock.write_text(lock.read_text().replace("celery==5.7.0", "celery==5.6.0"))
     seen.add(digest(source))
     assert len(seen) == 4
+
+
+def test_local_wheels_offered_by_find_links_count_in_the_digest(tmp_path):
+    source = copy_app(tmp_path)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    lock = str(source / "requirements.lock")
+    empty = build_wheelhouse.source_digest(str(source), lock, [str(wheels)])
+    assert empty == digest(source)
+    (wheels / "acme_common-1.0-py3-none-any.whl").write_bytes(b"one")
+    (wheels / "notes.txt").write_text("not a wheel")
+    one = build_wheelhouse.source_digest(str(source), lock, [str(wheels)])
+    (wheels / "acme_common-1.0-py3-none-any.whl").write_bytes(b"two")  # rebuilt under the same version
+    assert len({empty, one, build_wheelhouse.source_digest(str(source), lock, [str(wheels)])}) == 3
+
+
+def test_a_find_links_directory_that_does_not_exist_is_named(tmp_path):
+    source = copy_app(tmp_path)
+    with pytest.raises(SystemExit, match="celery_worker_wheelhouse_find_links: /nowhere is not a directory"):
+        build_wheelhouse.source_digest(str(source), str(source / "requirements.lock"), ["/nowhere"])
