@@ -451,7 +451,7 @@ def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeo
 
 
 def app_findings(report, group_queues, transport_options, acks_late=True, reject_on_worker_lost=True,
-                 app="the application"):
+                 app="the application", beat_hosts=None):
     """Judge the report of `python -m celery_fleet_runtime check` (the runtime's __main__).
 
     Errors break a guarantee the fleet gives and stop the deploy: a task that runs with acks_late or
@@ -460,9 +460,16 @@ def app_findings(report, group_queues, transport_options, acks_late=True, reject
     timeout below the fleet's (the app's clients outside the fleet, a web server say, would hand a running
     task to a second worker). Warnings: queues the app routes to that no group consumes (tasks wait there
     for ever), groups consuming queues nothing routes to, routes the check could not work out.
+    With beat_hosts given (the hosts with celery_worker_beat), an app whose beat_schedule holds periodic
+    tasks while no host runs beat is an error: they would never be sent.
     Returns {"errors": [...], "warnings": [...]}.
     """
     errors, warnings = [], []
+    schedule = report.get("beat_schedule") or []
+    if beat_hosts is not None and schedule and not beat_hosts:
+        errors.append(f"{app}: the app's beat_schedule holds periodic tasks ({', '.join(sorted(schedule))}) and no "
+                      f"worker host has celery_worker_beat: true: they would never be sent. Set it on exactly one "
+                      f"host (host_vars).")
     finalized = report.get("finalized_before_fleet_settings")
     where = ("declared on the task or its base class, or bound from the app's own settings: the app was "
              "finalized when imported, before the fleet's settings applied" if finalized
@@ -606,24 +613,37 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
             "refusal": refusal}
 
 
-def unit_start_times(systemctl_show):
-    """{instance name: start time (seconds since the epoch)} of the active celery-worker@ units, from
-    `systemctl show --timestamp=us+utc -p Id -p ActiveState -p ActiveEnterTimestamp 'celery-worker@*'`."""
+def _active_units(systemctl_show):
+    """{unit id: start time (seconds since the epoch)} of the active units in
+    `systemctl show --timestamp=us+utc -p Id -p ActiveState -p ActiveEnterTimestamp <units>`."""
     from datetime import datetime, timezone
 
     started = {}
     for block in (systemctl_show or "").split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        unit = fields.get("Id", "")
-        if fields.get("ActiveState") != "active" or not unit.startswith("celery-worker@"):
+        if fields.get("ActiveState") != "active" or not fields.get("Id"):
             continue
         stamp = fields.get("ActiveEnterTimestamp", "").split(" ", 1)[-1].replace(" UTC", "")
         try:
             at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
         except ValueError:
             at = datetime.fromtimestamp(0, timezone.utc)  # unknown: any file counts as newer
-        started[unit[len("celery-worker@"):].removesuffix(".service")] = at.timestamp()
+        started[fields["Id"]] = at.timestamp()
     return started
+
+
+def unit_start_times(systemctl_show):
+    """{instance name: start time (seconds since the epoch)} of the active celery-worker@ units, from
+    `systemctl show --timestamp=us+utc -p Id -p ActiveState -p ActiveEnterTimestamp 'celery-worker@*'`."""
+    return {unit[len("celery-worker@"):].removesuffix(".service"): at
+            for unit, at in _active_units(systemctl_show).items() if unit.startswith("celery-worker@")}
+
+
+def beat_restart_due(systemctl_show, files):
+    """Whether the running celery-beat.service started before one of the files it starts with changed
+    (files: [{"path", "mtime"}], the current link's own mtime among them). False when it does not run."""
+    started = _active_units(systemctl_show).get("celery-beat.service")
+    return started is not None and any(float(entry["mtime"]) > started for entry in files or [])
 
 
 def pending_restarts(instances, started, files, config_dir, release_changed):
@@ -686,6 +706,7 @@ class FilterModule:
             "celery_fleet_drain_timeout": drain_timeout,
             "celery_fleet_consumers_to_restore": consumers_to_restore,
             "celery_fleet_unit_start_times": unit_start_times,
+            "celery_fleet_beat_restart_due": beat_restart_due,
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,

@@ -181,3 +181,28 @@ def test_a_django_task_runs_with_the_project_s_settings_and_the_fleet_s_guarante
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_beat_through_the_runtime_restarted_with_sigterm_sends_no_tick_twice(broker_url, tmp_path):
+    """The example app's tick every 1 s from a real celery beat, stopped with SIGTERM (as systemd stops it)
+    and started again on the same schedule file: no tick sent twice, the one due during the stop sent once
+    at start."""
+    import redis
+
+    env = fleet_env(ROOT / "app" / "src", "celery_fleet_app", CELERY_BROKER_URL=broker_url,
+                    CELERY_FLEET_APP_TICK_SECONDS="1")
+    command = [sys.executable, "-P", "-m", "celery", "--app", "celery_fleet_runtime:app", "beat", "--schedule",
+               str(tmp_path / "celerybeat-schedule"), "--loglevel", "WARNING"]
+    for _ in range(2):
+        beat = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(4.5)
+        assert beat.poll() is None, beat.stderr.read()
+        beat.terminate()
+        assert beat.wait(15) == 0, beat.stderr.read()
+        time.sleep(1.5)
+    sent = [json.loads(r) for r in redis.Redis.from_url(broker_url).lrange("beat:ticks:sent", 0, -1)]
+    assert len({tick["pid"] for tick in sent}) == 2
+    times = sorted(tick["at"] for tick in sent)
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert min(gaps) > 0.5, gaps  # none twice
+    assert max(gaps) < 4.0, gaps  # 1.5 s stopped plus beat's start: the tick due meanwhile came at start

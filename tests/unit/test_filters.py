@@ -190,3 +190,29 @@ def test_wheelhouse_sources_are_checked_without_echoing_an_index_url():
     assert cf.wheelhouse_source_errors("", "https://one", "/srv") == [
         "celery_worker_wheelhouse_extra_index_urls must be a list of http:// or https:// URLs.",
         "celery_worker_wheelhouse_find_links must be a list of absolute directory paths."]
+
+
+BEAT_SHOW = """Id=celery-beat.service
+ActiveState=active
+ActiveEnterTimestamp=Sat 2026-11-28 00:31:16.250000 UTC
+"""
+
+
+def test_beat_restart_is_due_when_a_file_it_starts_with_is_newer_than_its_start():
+    start = 1795825876.25  # 2026-11-28 00:31:16.25 UTC
+    assert cf.beat_restart_due(BEAT_SHOW, [{"path": "/opt/celery-fleet/current", "mtime": start - 60}]) is False
+    assert cf.beat_restart_due(BEAT_SHOW, [{"path": "/etc/celery-fleet/celery.env", "mtime": start - 60},
+                                           {"path": "/opt/celery-fleet/current", "mtime": start + 5}]) is True
+    stopped = BEAT_SHOW.replace("ActiveState=active", "ActiveState=inactive")
+    assert cf.beat_restart_due(stopped, [{"path": "/opt/celery-fleet/current", "mtime": start + 5}]) is False
+    assert cf.unit_start_times(BEAT_SHOW) == {}
+
+
+def test_an_app_with_periodic_tasks_and_no_beat_host_is_refused():
+    report = {"tasks": {}, "beat_schedule": ["tick", "nightly"], "default_queue": "default"}
+    findings = cf.app_findings(report, {"web": ["default"]}, {"visibility_timeout": 3600}, app="acme", beat_hosts=[])
+    assert findings["errors"] == [
+        "acme: the app's beat_schedule holds periodic tasks (nightly, tick) and no worker host has "
+        "celery_worker_beat: true: they would never be sent. Set it on exactly one host (host_vars)."]
+    assert cf.app_findings(report, {"web": ["default"]}, {}, beat_hosts=["batch1"])["errors"] == []
+    assert cf.app_findings({**report, "beat_schedule": []}, {"web": ["default"]}, {}, beat_hosts=[])["errors"] == []

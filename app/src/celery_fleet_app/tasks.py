@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from billiard.process import current_process
+from celery.signals import before_task_publish
 
 from celery_fleet_app.celery import app
 
@@ -89,6 +90,23 @@ def ledger_task(self, seconds, token, ledger):
               "release": RELEASE, "redelivered": bool((self.request.delivery_info or {}).get("redelivered")),
               **_where(self)}
     _ledger_append(ledger, json.dumps(record))
+
+
+BEAT_LEDGER = "beat:ticks"
+
+
+@before_task_publish.connect(sender="celery_fleet_app.tasks.beat_tick")
+def _record_tick_sent(headers=None, **_):
+    """In the process that sends the tick (celery beat): one record per send, timed at the send. Two sends
+    closer than the period are a tick sent twice; a gap above it, ticks lost to a stop."""
+    _ledger_append(f"{BEAT_LEDGER}:sent", json.dumps({"id": (headers or {}).get("id"), "at": time.time(),
+                                                      "host": socket.gethostname(), "pid": os.getpid()}))
+
+
+@app.task(bind=True, ignore_result=True)
+def beat_tick(self):
+    """The example periodic task: records that it ran (once per send, unless a worker was lost)."""
+    _ledger_append(f"{BEAT_LEDGER}:ran", json.dumps({"id": self.request.id, "at": time.time(), **_where(self)}))
 
 
 @app.task(bind=True)

@@ -108,6 +108,15 @@ def test_a_host_in_two_profiled_groups_is_refused(tmp_path):
         "--inventory", str(extra))
 
 
+def test_a_second_beat_host_is_refused(tmp_path):
+    """batch1 runs beat (inventories/lab); web1 as well would send every periodic task twice."""
+    extra = tmp_path / "two-beats.yml"
+    extra.write_text(json.dumps({"all": {"hosts": {"web1": {"celery_worker_beat": True}}}}))
+    assert_refused_before_any_change(
+        ["celery_worker_beat must be true on one worker host at most", "it is set on web1, batch1"],
+        "--inventory", str(extra))
+
+
 def test_changed_sources_under_a_deployed_release_id_are_refused(tmp_path):
     """Release ids are immutable: new code under the id the hosts already run is an error, not a no-op."""
     source = shutil.copytree(PROJECT / "app", tmp_path / "app",

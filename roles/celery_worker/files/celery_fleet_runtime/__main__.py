@@ -45,6 +45,7 @@ def report(app):
         "visibility_timeout": (app.conf.broker_transport_options or {}).get("visibility_timeout"),
         "task_acks_late": app.conf.task_acks_late,
         "default_queue": app.conf.task_default_queue,
+        "beat_schedule": sorted(app.conf.beat_schedule or {}),
         "tasks": tasks,
     }
 
