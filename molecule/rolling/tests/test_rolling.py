@@ -8,9 +8,8 @@ Each case checks, from outside the playbooks:
 
 The cases run in order on one lab: a restart refused by the capacity guard, a dry run (--check), a
 roll refused for a group order that leaves a host out, a restart, an upgrade to a new release, an
-upgrade to a release whose application cannot be imported (it must stop at the canary and put it
-back), one that fails on a host's second instance, a roll whose drain times out, and a plain deploy
-(site.yml) of a release that cannot be imported. Faults (a killed run, the broker, lost hosts) are the
+upgrade to a release whose workers cannot start (it must stop at the canary and put it back), one that fails on a host's second instance, a roll whose drain times out, and a plain deploy
+(site.yml) of a release whose workers cannot start. Faults (a killed run, the broker, lost hosts) are the
 faults scenario's.
 """
 
@@ -115,12 +114,15 @@ def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
     assert fleet.releases_running() == {node: {NEW_RELEASE} for node in fleet.nodes}
 
 
-def broken_copy(tmp_path, condition="True"):
-    """A copy of the application whose package raises on import when `condition` holds."""
+def broken_copy(tmp_path, condition="'worker' in sys.argv"):
+    """A copy of the application whose package raises on import when `condition` holds: by default in a
+    worker only. A release that cannot be imported at all never gets this far: the application check
+    refuses it before current moves (tests/integration/test_app_runtime.py); one that fails only when the
+    worker starts (a setting, a library or a device it needs then) is what the roll's canary catches."""
     source = shutil.copytree(PROJECT / "app", tmp_path / "app",
                              ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     init = source / "src" / "celery_fleet_app" / "__init__.py"
-    init.write_text(f"import os\nif {condition}:\n"
+    init.write_text(f"import os\nimport sys\nif {condition}:\n"
                     f"    raise ImportError('celery-fleet test: this release cannot be imported')\n" + init.read_text())
     return source
 
