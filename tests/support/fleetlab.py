@@ -181,3 +181,31 @@ def assert_drained_before_stop(since, stopped_units, records):
             assert ran, f"{name} {unit} (PID {pid}) ran no task of the load before it was stopped"
             assert max(ran) <= warm[0], (
                 f"{name} {unit}: a task finished {max(ran) - warm[0]:.2f} s after SIGTERM: the node was not drained")
+
+
+# --- celery beat: the example app's tick (CELERY_FLEET_APP_TICK_SECONDS, inventories/lab) -----------------
+BEAT_TICK = 2.0
+
+
+def beat_ticks_since(broker, since, key="sent"):
+    """The example app's tick records (beat:ticks:sent, written by beat as it sends; :ran, by the worker)."""
+    records = [json.loads(record) for record in broker.lrange(f"beat:ticks:{key}", 0, -1)]
+    return sorted((record for record in records if record["at"] >= since), key=lambda record: record["at"])
+
+
+def assert_beat_ticked_through_a_restart(broker, since, period=BEAT_TICK):
+    """Beat was restarted once since `since` (two sending processes), sent no tick twice (two sends closer
+    than half the period) and skipped none at once: the tick due while it was stopped came when it was back
+    (longest gap under three periods). Returns the numbers, for the report."""
+    sent = beat_ticks_since(broker, since - period)
+    times = [tick["at"] for tick in sent]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    processes = {(tick["host"], tick["pid"]) for tick in sent}
+    assert len(processes) == 2, f"beat should have been restarted once: senders {sorted(processes)}"
+    assert min(gaps) > period / 2, f"a tick was sent twice: gaps {gaps}"
+    assert max(gaps) < 3 * period, f"ticks were skipped: gaps {gaps}"
+    ran = {tick["id"] for tick in beat_ticks_since(broker, since - period, "ran")}
+    missing = [tick["id"] for tick in sent[:-2] if tick["id"] not in ran]
+    assert not missing, f"sent ticks that never ran: {missing}"
+    return {"ticks": len(sent), "span_s": round(times[-1] - times[0], 1), "longest_gap_s": round(max(gaps), 2),
+            "shortest_gap_s": round(min(gaps), 2), "period_s": period}

@@ -17,8 +17,10 @@ WORKER_HOSTS = ["web1", "web2", "batch1", "gpu1"]
 
 
 def acme_vars(source, release):
+    # Each group's hosts in one batch: capacity under a roll is the rolling scenario's subject, not this one's.
     return json.dumps({"celery_worker_app_source": str(source), "celery_worker_app_package": "acme-tasks",
-                       "celery_worker_app_module": "acme_tasks", "celery_worker_release": release})
+                       "celery_worker_app_module": "acme_tasks", "celery_worker_release": release,
+                       "celery_worker_rolling_serial": ["100%"]})
 
 
 def deployed_state():
