@@ -176,6 +176,14 @@ FLEET_ENVIRONMENT = ("CELERY_APP", "CELERY_FLEET_APP", "CELERY_FLEET_RUNTIME_DIG
                      "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES")
 
 
+# Variables Celery's CLI or settings, or Python, read before the fleet's settings apply: one of them in the
+# extra environment would change which broker, app or code the workers use.
+OVERRIDING_ENVIRONMENT = ("APP", "BROKER_URL", "RESULT_BACKEND", "LOADER", "CONFIG_MODULE", "CELERY_BROKER_READ_URL",
+                          "CELERY_BROKER_WRITE_URL", "CELERY_CONFIG_MODULE", "CELERY_LOADER", "PYTHONSAFEPATH",
+                          "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "PYTHONUSERBASE", "LD_PRELOAD",
+                          "LD_LIBRARY_PATH")
+
+
 def environment_errors(variables, variable="celery_worker_extra_environment"):
     """Errors in extra environment variables ({name: value}), each naming the variable. The file is read by
     systemd (EnvironmentFile) and sourced by sh (the celery-fleet command), so a value is written in double
@@ -189,6 +197,9 @@ def environment_errors(variables, variable="celery_worker_extra_environment"):
                           f"'_'; up to 128).")
         elif name in FLEET_ENVIRONMENT:
             errors.append(f"{variable}: {name} is set by the role itself; use the role's variable for it.")
+        elif name in OVERRIDING_ENVIRONMENT:
+            errors.append(f"{variable}: {name} would change which broker, application or code the workers use "
+                          f"(Celery or Python reads it before the fleet's settings apply); it may not be set.")
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             errors.append(f"{variable}[{name!r}] must be a string or a number; got {type(value).__name__}.")
         elif re.search(r'[\n\r\0"\\$`]', str(value)) or len(str(value)) > 4096:
@@ -473,7 +484,8 @@ def app_findings(report, group_queues, transport_options, acks_late=True, reject
     finalized = report.get("finalized_before_fleet_settings")
     where = ("declared on the task or its base class, or bound from the app's own settings: the app was "
              "finalized when imported, before the fleet's settings applied" if finalized
-             else "declared on the task or its base class")
+             else "declared on the task or its base class, or bound while the app's configuration loaded: "
+                  "then set it True in the app's own settings too")
     for name, task in sorted(report.get("tasks", {}).items()):
         if acks_late and not task.get("acks_late"):
             errors.append(f"{app}: task {name} runs with acks_late=False ({where}): a task whose worker dies "
@@ -640,10 +652,10 @@ def unit_start_times(systemctl_show):
 
 
 def beat_restart_due(systemctl_show, files):
-    """Whether the running celery-beat.service started before one of the files it starts with changed
-    (files: [{"path", "mtime"}], the current link's own mtime among them). False when it does not run."""
+    """Whether celery-beat.service must be (re)started: it does not run, or it started before one of the files
+    it starts with changed (files: [{"path", "mtime"}], the current link's own mtime among them)."""
     started = _active_units(systemctl_show).get("celery-beat.service")
-    return started is not None and any(float(entry["mtime"]) > started for entry in files or [])
+    return started is None or any(float(entry["mtime"]) > started for entry in files or [])
 
 
 def pending_restarts(instances, started, files, config_dir, release_changed):

@@ -57,7 +57,6 @@ def copy_of(tmp_path, name):
 def test_a_plain_app_gets_every_guarantee_and_its_routes_match_the_groups():
     report = check(FIXTURES / "acme" / "src", "acme_tasks")
     assert report["main"] == "acme"
-    assert report["app_settings"]["task_acks_late"] is False  # Celery's default: what the fleet overrides
     assert {name: (task["acks_late"], task["reject_on_worker_lost"], task["queue"])
             for name, task in report["tasks"].items()} == {
         "acme_tasks.table": (True, True, "default"), "acme_tasks.urgent_ping": (True, True, "priority"),
@@ -73,7 +72,7 @@ def test_a_task_declared_acks_late_false_is_an_error_naming_it(tmp_path):
     findings = cf.app_findings(check(source, "acme_tasks:app"), GROUP_QUEUES, TRANSPORT, app="acme_tasks:app")
     assert len(findings["errors"]) == 1
     assert findings["errors"][0].startswith("acme_tasks:app: task acme_tasks.report_fast runs with acks_late=False "
-                                            "(declared on the task or its base class)")
+                                            "(declared on the task or its base class, or bound while")
 
 
 def test_an_app_finalized_at_import_with_its_own_acks_late_false_is_refused(tmp_path):
@@ -103,6 +102,18 @@ def test_an_app_level_visibility_timeout_below_the_fleet_s_is_an_error_and_odd_r
         "there. Groups consume: batch: batch; gpu: ml; web: default, priority",
         "acme_tasks: group gpu consumes ml, where none of the app's tasks is routed (tasks sent by name with an "
         "explicit queue still arrive)."]
+
+
+def test_tasks_bound_while_the_app_configures_and_prints_at_import_still_get_the_guarantees(tmp_path):
+    """Celery's documented add_periodic_task in on_after_configure binds the task while the configuration
+    loads; an app that prints at import must not break the report."""
+    source = copy_of(tmp_path, "acme")
+    module = source / "acme_tasks" / "__init__.py"
+    module.write_text(module.read_text() + "\n\nprint('hello from acme')\n\n@app.on_after_configure.connect\n"
+                      "def _periodic(sender, **kwargs):\n    sender.add_periodic_task(10.0, table.s([[1]]))\n")
+    report = check(source, "acme_tasks")
+    assert report["tasks"]["acme_tasks.table"]["acks_late"] is True
+    assert cf.app_findings(report, GROUP_QUEUES, TRANSPORT)["errors"] == []
 
 
 def test_an_app_that_cannot_be_loaded_fails_the_check_with_its_error():

@@ -161,6 +161,9 @@ def test_extra_environment_accepts_plain_names_and_values():
     ({"BAD NAME": "x"}, "'BAD NAME' is not a variable name"),
     ({"1ABC": "x"}, "'1ABC' is not a variable name"),
     ({"CELERY_BROKER_URL": "redis://evil"}, "CELERY_BROKER_URL is set by the role itself"),
+    ({"BROKER_URL": "redis://evil"}, "BROKER_URL would change which broker, application or code the workers use"),
+    ({"CELERY_BROKER_WRITE_URL": "redis://evil"}, "CELERY_BROKER_WRITE_URL would change which broker"),
+    ({"LD_PRELOAD": "/tmp/x.so"}, "LD_PRELOAD would change which broker, application or code"),
     ({"A": 'say "hi"'}, "celery_worker_extra_environment['A'] may not hold a newline"),
     ({"A": "line\nINJECTED=1"}, "may not hold a newline"),
     ({"A": "$(reboot)"}, "may not hold a newline"),
@@ -204,7 +207,7 @@ def test_beat_restart_is_due_when_a_file_it_starts_with_is_newer_than_its_start(
     assert cf.beat_restart_due(BEAT_SHOW, [{"path": "/etc/celery-fleet/celery.env", "mtime": start - 60},
                                            {"path": "/opt/celery-fleet/current", "mtime": start + 5}]) is True
     stopped = BEAT_SHOW.replace("ActiveState=active", "ActiveState=inactive")
-    assert cf.beat_restart_due(stopped, [{"path": "/opt/celery-fleet/current", "mtime": start + 5}]) is False
+    assert cf.beat_restart_due(stopped, [{"path": "/opt/celery-fleet/current", "mtime": start - 60}]) is True
     assert cf.unit_start_times(BEAT_SHOW) == {}
 
 

@@ -49,7 +49,8 @@ def test_a_task_declared_acks_late_false_stops_the_deploy_before_any_instance_ch
     assert rc != 0, output[-3000:]
     message = " ".join(output.split())
     assert ("acme_tasks: task acme_tasks.report_fast runs with acks_late=False (declared on the task or its base "
-            "class): a task whose worker dies or is killed while it runs is lost.") in message, output[-3000:]
+            "class, or bound while the app's configuration loaded: then set it True in the app's own settings "
+            "too): a task whose worker dies or is killed while it runs is lost.") in message, output[-3000:]
     assert "TASK [celery_worker : Refuse an application that breaks a guarantee of the fleet]" in output
     assert "PLAY [Roll" not in output
     assert deployed_state() == before

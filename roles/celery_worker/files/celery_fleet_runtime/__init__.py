@@ -61,7 +61,12 @@ def fleet_settings(environ=None):
 def apply(app, settings):
     """Apply the fleet's settings over the app's. The app's other transport options (key prefix, priority
     steps, ...) stay; the fleet's win where both set one. Returns what the app had, for the check."""
-    conf = app.conf  # reading it loads the app's configuration (Django settings included) first
+    if not app.configured:
+        # Before the app's configuration loads: tasks bound while it loads (a periodic task added in
+        # on_after_configure, a schedule naming task objects) must already see the fleet's guarantees.
+        conf_guarantees = {name: settings[name] for name in GUARANTEED_TASK_OPTIONS.values() if name in settings}
+        app.conf.update(conf_guarantees)
+    conf = app.conf  # reading it loads the app's configuration (Django settings included)
     own_options = dict(conf.broker_transport_options or {})
     found = {
         "finalized_before_fleet_settings": bool(app.finalized),
@@ -98,6 +103,9 @@ def load(spec=None, environ=None):
 def __getattr__(name):
     """``celery_fleet_runtime:app``: loaded on first use, once per process."""
     if name == "app":
-        app = globals()["app"] = load()
+        try:
+            app = globals()["app"] = load()
+        except AttributeError as error:  # Celery's find_app would report "celery_fleet_runtime:app not found"
+            raise RuntimeError(f"loading {os.environ.get(APP_VARIABLE)!r} failed: {error!r}") from error
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,9 +55,14 @@ def main(argv):
         sys.exit("usage: python -m celery_fleet_runtime check < request.json")
     request = json.load(sys.stdin)
     os.environ.update({str(name): str(value) for name, value in (request.get("environment") or {}).items()})
+    # Whatever the app prints while it loads goes to stderr: stdout carries the report only.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     app = celery_fleet_runtime.load(request["app"])
-    json.dump(report(app), sys.stdout, sort_keys=True, default=str)
-    sys.stdout.write("\n")
+    json.dump(report(app), out, sort_keys=True, default=str)
+    out.write("\n")
+    out.flush()
 
 
 if __name__ == "__main__":
