@@ -410,6 +410,16 @@ def worker_settings(defaults, profiles, explicit_profile, group_names, group_set
 # --- Delivery settings every client shares -----------------------------------------------------------
 
 
+def _host_settings(host_vars, defaults, profiles, spec):
+    """worker_settings() of another host, from its hostvars: its inventory may override the role's defaults
+    and profiles, else the role's (defaults, profiles) apply."""
+    return worker_settings(host_vars.get("celery_worker_defaults", defaults),
+                           host_vars.get("celery_worker_profiles", profiles),
+                           host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
+                           host_vars.get("celery_worker_group_settings", {}),
+                           host_vars.get("celery_worker_host_settings", {}), spec)
+
+
 def fleet_time_limit(hosts_vars, defaults, profiles, spec):
     """The longest hard time limit of every worker host given, from each host's own layers.
 
@@ -419,11 +429,7 @@ def fleet_time_limit(hosts_vars, defaults, profiles, spec):
     """
     limits = []
     for host_vars in hosts_vars:
-        result = worker_settings(host_vars.get("celery_worker_defaults", defaults),
-                                 host_vars.get("celery_worker_profiles", profiles),
-                                 host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
-                                 host_vars.get("celery_worker_group_settings", {}),
-                                 host_vars.get("celery_worker_host_settings", {}), spec)
+        result = _host_settings(host_vars, defaults, profiles, spec)
         # Counted even when the host's other settings are refused: a typo on a host a --limit left out
         # must not shrink the timeout under the tasks it runs.
         if _is_integer(result["settings"].get("time_limit")):
@@ -436,11 +442,7 @@ def fleet_queues(hosts_vars, defaults, profiles, spec):
     host's own layers: what the application check compares the app's routes with."""
     queues = {}
     for host_vars in hosts_vars:
-        result = worker_settings(host_vars.get("celery_worker_defaults", defaults),
-                                 host_vars.get("celery_worker_profiles", profiles),
-                                 host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
-                                 host_vars.get("celery_worker_group_settings", {}),
-                                 host_vars.get("celery_worker_host_settings", {}), spec)
+        result = _host_settings(host_vars, defaults, profiles, spec)
         if result["profile"] and isinstance(result["settings"].get("queues"), list):
             queues.setdefault(result["profile"], set()).update(str(q) for q in result["settings"]["queues"])
     return {profile: sorted(names) for profile, names in sorted(queues.items())}

@@ -327,3 +327,11 @@ def test_pending_restarts_are_the_running_instances_older_than_a_file_they_start
     assert cf.pending_restarts(instances, started, files, "/etc/celery-fleet", True) == ["web", "gpu-2"]
     shared = files + [{"path": "/etc/systemd/system/celery-worker@.service", "mtime": gpu + 5}]
     assert cf.pending_restarts(instances, started, shared, "/etc/celery-fleet", False) == ["web", "gpu-2"]
+
+
+def test_the_fleet_s_queues_are_each_profile_s_over_every_worker_host():
+    hosts = [{"group_names": ["web"]}, {"group_names": ["batch"]},
+             {"group_names": ["batch"], "celery_worker_host_settings": {"queues": ["batch", "reports"]}},
+             {"group_names": ["broker"]}]  # no worker profile: not a worker group
+    assert cf.fleet_queues(hosts, DEFAULTS["celery_worker_defaults"], DEFAULTS["celery_worker_profiles"],
+                           SETTING_SPEC) == {"batch": ["batch", "reports"], "web": ["default", "priority"]}
