@@ -60,7 +60,8 @@ def fleet_settings(environ=None):
 
 def apply(app, settings):
     """Apply the fleet's settings over the app's. The app's other transport options (key prefix, priority
-    steps, ...) stay; the fleet's win where both set one. Returns what the app had, for the check."""
+    steps, ...) stay; the fleet's win where both set one. Returns what the check reports of the app's own
+    settings: whether it was finalized before them, and its own transport options."""
     if not app.configured:
         # Before the app's configuration loads: tasks bound while it loads (a periodic task added in
         # on_after_configure, a schedule naming task objects) must already see the fleet's guarantees.
@@ -68,13 +69,7 @@ def apply(app, settings):
         app.conf.update(conf_guarantees)
     conf = app.conf  # reading it loads the app's configuration (Django settings included)
     own_options = dict(conf.broker_transport_options or {})
-    found = {
-        "finalized_before_fleet_settings": bool(app.finalized),
-        "app_settings": {name: conf.get(name) for name in sorted(settings) if name != "broker_transport_options"},
-        "app_transport_options": own_options,
-    }
-    found["app_settings"].pop("broker_url", None)  # may hold a password
-    found["app_settings"].pop("result_backend", None)
+    found = {"finalized_before_fleet_settings": bool(app.finalized), "app_transport_options": own_options}
     merged = dict(settings)
     if "broker_transport_options" in settings:
         merged["broker_transport_options"] = {**own_options, **settings["broker_transport_options"]}

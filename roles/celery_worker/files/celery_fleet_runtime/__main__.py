@@ -2,8 +2,8 @@
 
 Reads ``{"app": "module:attribute", "environment": {...}}`` as JSON on stdin (the environment the workers
 get; passed on stdin so that no value lands on a command line), imports the app through the runtime exactly
-as a worker does, imports its task modules and prints one JSON report on stdout: the settings the app had
-before the fleet's, and for each task the delivery options it runs with and the queue it is routed to.
+as a worker does, imports its task modules and prints one JSON report on stdout: the app's own visibility
+timeout and whether it was finalized before the fleet's settings, and for each task the delivery options it runs with and the queue it is routed to.
 Judging the report (what breaks a guarantee, what is only odd) is the role's filter's job
 (celery_fleet_app_findings), not this one's: this only looks.
 """
@@ -40,10 +40,8 @@ def report(app):
     return {
         "main": app.main,
         "finalized_before_fleet_settings": found["finalized_before_fleet_settings"],
-        "app_settings": found["app_settings"],
         "app_visibility_timeout": found["app_transport_options"].get("visibility_timeout"),
         "visibility_timeout": (app.conf.broker_transport_options or {}).get("visibility_timeout"),
-        "task_acks_late": app.conf.task_acks_late,
         "default_queue": app.conf.task_default_queue,
         "beat_schedule": sorted(app.conf.beat_schedule or {}),
         "tasks": tasks,
