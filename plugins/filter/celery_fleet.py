@@ -593,6 +593,15 @@ def rolling_plan(order, serial, groups, play_hosts, min_online=None):
     return {"hosts": hosts, "batches": batches if not errors else [], "errors": errors}
 
 
+def capacity_guard_nodes(node, host_nodes, batch_hosts):
+    """The nodes the capacity guard counts (arguments as capacity_guard's): the group's known nodes but `node`
+    and those of the other hosts of its batch. The guard asks only them, so the answer comes as soon as they
+    replied instead of after the whole timeout."""
+    drained_with_it = {other for host in batch_hosts or [] for other in (host_nodes.get(host) or {})}
+    return sorted(other for nodes in host_nodes.values() for other in (nodes or {})
+                  if other != node and other not in drained_with_it)
+
+
 def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queues):
     """Whether `node` may be drained: enough of its group's other nodes are in service.
 
@@ -606,8 +615,7 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
     expected = {}
     for nodes in host_nodes.values():
         expected.update(nodes or {})
-    drained_with_it = {other for host in batch_hosts or [] for other in (host_nodes.get(host) or {})}
-    counted = sorted(other for other in expected if other != node and other not in drained_with_it)
+    counted = capacity_guard_nodes(node, host_nodes, batch_hosts)
     needed = len(counted) if min_online is None else int(min_online)
     serving = in_service(counted, active_queues, expected)
     refusal = ""
@@ -717,6 +725,7 @@ class FilterModule:
             "celery_fleet_worker_settings": worker_settings,
             "celery_fleet_rolling_plan": rolling_plan,
             "celery_fleet_capacity_guard": capacity_guard,
+            "celery_fleet_capacity_guard_nodes": capacity_guard_nodes,
             "celery_fleet_drain_timeout": drain_timeout,
             "celery_fleet_consumers_to_restore": consumers_to_restore,
             "celery_fleet_unit_start_times": unit_start_times,

@@ -60,7 +60,8 @@ def test_a_plain_app_gets_every_guarantee_and_its_routes_match_the_groups():
     assert {name: (task["acks_late"], task["reject_on_worker_lost"], task["queue"])
             for name, task in report["tasks"].items()} == {
         "acme_tasks.table": (True, True, "default"), "acme_tasks.urgent_ping": (True, True, "priority"),
-        "acme_tasks.report_total": (True, True, "batch"), "acme_tasks.score_mean": (True, True, "ml")}
+        "acme_tasks.report_total": (True, True, "batch"), "acme_tasks.score_mean": (True, True, "ml"),
+        "acme_tasks.settle": (True, True, "default")}
     assert cf.app_findings(report, GROUP_QUEUES, TRANSPORT) == {"errors": [], "warnings": []}
 
 
@@ -80,7 +81,7 @@ def test_an_app_finalized_at_import_with_its_own_acks_late_false_is_refused(tmp_
     module = source / "acme_tasks" / "__init__.py"
     module.write_text(module.read_text() + "\n\napp.conf.task_acks_late = False\napp.finalize()\n")
     findings = cf.app_findings(check(source, "acme_tasks"), GROUP_QUEUES, TRANSPORT)
-    assert len(findings["errors"]) == 8  # acks_late and reject_on_worker_lost (Celery's None) for each task
+    assert len(findings["errors"]) == 10  # acks_late and reject_on_worker_lost (Celery's None) for each of 5 tasks
     assert all("the app was finalized when imported" in error for error in findings["errors"])
 
 

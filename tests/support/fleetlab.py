@@ -32,12 +32,13 @@ def lab_host(name):
 class Fleet:
     """The deployed lab under a scenario's inventory sources, and the load its cases send.
 
-    rates: {queue: tasks per second}; durations: (shortest, longest) seconds a task sleeps.
+    rates: {queue: tasks per second}; durations: (shortest, longest) seconds a task sleeps; task: the
+    ledger task the load sends (args: seconds, token, ledger key), the example app's unless the lab runs another.
     """
 
-    def __init__(self, inventories=(LAB_INVENTORY,), rates=None, durations=(0.0, 5.0)):
+    def __init__(self, inventories=(LAB_INVENTORY,), rates=None, durations=(0.0, 5.0), task=fleetload.LEDGER_TASK):
         self.inventories = [str(source) for source in inventories]
-        self.rates, self.durations = rates, durations
+        self.rates, self.durations, self.task = rates, durations, task
         self.client = fleetload.lab_client(self.inventories, PROJECT)
         self.host_groups = fleetload.worker_groups(self.inventories, PROJECT)
         self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
@@ -78,7 +79,8 @@ class Fleet:
         """Run operation() -> (rc, output) while the producer sends tasks; return (rc, output, report)
         (report["records"]: the ledger). broker_faults: the broker goes away on purpose, so failed publishes
         (retried) and failed monitor samples are expected and reported instead of failing the case."""
-        load = fleetload.Load(self.client, self.nodes, rates=rates or self.rates, durations=durations or self.durations)
+        load = fleetload.Load(self.client, self.nodes, rates=rates or self.rates, durations=durations or self.durations,
+                              task=self.task)
         load.start()
         time.sleep(warmup)
         load.mark("roll_start")
@@ -114,7 +116,7 @@ class Fleet:
 
     def releases_running(self, timeout=60):
         """{node: releases its tasks ran on}, under load until every node has run at least one task."""
-        load = fleetload.Load(self.client, self.nodes, rates=self.rates, durations=(0.0, 1.0))
+        load = fleetload.Load(self.client, self.nodes, rates=self.rates, durations=(0.0, 1.0), task=self.task)
         load.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and {r["node"] for r in load.ledger.records()} != set(self.nodes):

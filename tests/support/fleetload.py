@@ -315,7 +315,7 @@ class Producer(threading.Thread):
     """
 
     def __init__(self, client: FleetClient, ledger: Ledger, rates: dict | None = None, backlog: dict | None = None,
-                 durations=(0.0, 5.0), seed: int = 4):
+                 durations=(0.0, 5.0), seed: int = 4, task: str = LEDGER_TASK):
         super().__init__(name="fleetload-producer", daemon=True)
         if bool(rates) == bool(backlog):
             raise ValueError("give either rates or backlog")
@@ -323,7 +323,7 @@ class Producer(threading.Thread):
         self.broker = client.redis()
         self.ledger = ledger
         self.rates, self.backlog = rates or {}, backlog or {}
-        self.durations = durations
+        self.durations, self.task = durations, task
         self.random = random.Random(seed)
         self.sent: list[dict] = []
         self.errors: list[str] = []
@@ -339,7 +339,7 @@ class Producer(threading.Thread):
         # publish that reached Redis all the same would show up as an unknown token.
         while True:
             try:
-                self.app.send_task(LEDGER_TASK, args=[seconds, token, self.ledger.key], queue=queue)
+                self.app.send_task(self.task, args=[seconds, token, self.ledger.key], queue=queue)
                 break
             # AttributeError: kombu 5.7.0 tearing down a connection the broker dropped ('NoneType' object
             # has no attribute 'client'), the client-side face of the bug in README "Failure modes".
@@ -463,9 +463,10 @@ class Load:
     """Producer + monitor + ledger around an operation: start(), run the operation, finish()."""
 
     def __init__(self, client: FleetClient, nodes: dict, rates=None, backlog=None, seed: int = 4,
-                 monitor_interval: float = 0.25, durations=(0.0, 5.0)):
+                 monitor_interval: float = 0.25, durations=(0.0, 5.0), task: str = LEDGER_TASK):
         self.ledger = Ledger(client)
-        self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed, durations=durations)
+        self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed, durations=durations,
+                                 task=task)
         self.monitor = Monitor(client, nodes, interval=monitor_interval)
         self.nodes = nodes
         self.marks: dict[str, float] = {}

@@ -335,3 +335,10 @@ def test_the_fleet_s_queues_are_each_profile_s_over_every_worker_host():
              {"group_names": ["broker"]}]  # no worker profile: not a worker group
     assert cf.fleet_queues(hosts, DEFAULTS["celery_worker_defaults"], DEFAULTS["celery_worker_profiles"],
                            SETTING_SPEC) == {"batch": ["batch", "reports"], "web": ["default", "priority"]}
+
+
+def test_the_capacity_guard_asks_only_the_nodes_it_counts():
+    assert cf.capacity_guard_nodes("web-worker@web1", WEB_NODES, []) == ["web-worker@web2", "web-worker@web3"]
+    assert cf.capacity_guard_nodes("web-worker@web1", WEB_NODES, ["web2"]) == ["web-worker@web3"]
+    limited = {**WEB_NODES, "web3": None}
+    assert cf.capacity_guard_nodes("web-worker@web1", limited, ["web2"]) == []

@@ -3,17 +3,23 @@
 The acme fixture (tests/fixtures/apps/acme: distribution acme-tasks, module acme_tasks, tabulate from its
 lock) sets nothing about delivery. Deployed with only the app variables changed, every node must run it
 with the fleet's guarantees (the runtime applies them), and a variant that declares a task acks_late=False
-must be refused by the check before any instance changes.
+must be refused by the check before any instance changes. Then acme is rolled under load (nothing lost, nothing
+run twice), and a Django project is deployed to batch1 (a task that reads Django's settings runs there).
 """
 
 import json
 import shutil
+import time
 
+import fleetlab
 import fleetload
 from fleet import INVENTORY, PROJECT, control, lab_host, run_python
 
 ACME = PROJECT / "tests" / "fixtures" / "apps" / "acme"
+SHOP = PROJECT / "tests" / "fixtures" / "apps" / "django_shop"
 WORKER_HOSTS = ["web1", "web2", "batch1", "gpu1"]
+# The rolling scenario's load: tasks of 0-5 s at about 40% of the fleet's slots (web 16, batch 4, gpu 2).
+ACME_RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
 
 
 def acme_vars(source, release):
@@ -88,3 +94,46 @@ print(json.dumps({queue: app.send_task(name, args=args, queue=queue).get(timeout
         assert result["queue"] == queue and result["acks_late"] is True, result
         assert result["node"].startswith(group_of[queue]), result
     assert results["default"]["payload"] == "a  1" and results["batch"]["payload"] == 6
+
+
+def test_a_rolling_restart_of_the_plain_app_under_load_loses_nothing():
+    """The acme app, which sets nothing about delivery, rolled under load (its own ledger task, `settle`,
+    sent to all four queues): every task ran once, no node stopped before it drained, none was killed."""
+    fleet = fleetlab.Fleet(rates=ACME_RATES, task="acme_tasks.settle")
+    before = fleet.units()
+    since = time.time()
+    rc, output, report = fleet.roll_under_load("rolling_restart.yml", "--extra-vars",
+                                               '{"celery_worker_rolling_order": ["workers"]}')
+    assert rc == 0, output[-4000:]
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report)
+    fleetlab.assert_capacity_kept(report)
+    fleetlab.assert_rolled(report, fleet.nodes)
+    assert set(report["ran_per_release"]) == {"acme-3.1.0"}, report["ran_per_release"]
+    assert all(record["acks_late"] is True for record in report["records"])
+    after = fleet.units()
+    assert all(after[name][unit] != pid for name, units in before.items() for unit, pid in units.items()), after
+    fleetlab.assert_warm_stops_only(since, before)
+    fleetlab.assert_drained_before_stop(since, before, report["records"])
+
+
+def test_a_django_project_deployed_runs_a_task_that_reads_its_settings():
+    """The django_shop fixture (`shop.celery:app` as Celery's Django guide writes it, Django from its lock), its
+    settings environment through celery_worker_extra_environment, deployed to batch1 (the group its task routes
+    to; the deploy rolls batch1 onto it): the task reads Django's settings and runs with the fleet's guarantees."""
+    extra = {"celery_worker_app_source": str(SHOP), "celery_worker_app_package": "shop-project",
+             "celery_worker_app_module": "shop.celery:app", "celery_worker_release": "shop-2.0.0",
+             "celery_worker_extra_environment": {"DJANGO_SETTINGS_MODULE": "shop.settings", "SHOP_CURRENCY": "CHF"}}
+    rc, output = fleetload.run_playbook("site.yml", "--extra-vars", json.dumps(extra), "--limit", "batch1",
+                                        inventory=INVENTORY, timeout=900)
+    assert rc == 0, output[-3000:]
+    batch1 = lab_host("batch1")
+    assert batch1.check_output("readlink /opt/celery-fleet/current") == "/opt/celery-fleet/releases/shop-2.0.0"
+    result = run_python(batch1, """
+import json
+from celery_fleet_runtime import app
+print(json.dumps(app.send_task("shop.orders.tasks.price", args=[1234]).get(timeout=30)))
+""")
+    assert result == {"price": "12.34 CHF", "host": "batch1", "acks_late": True, "django_settings": "shop.settings"}, (
+        result)
+    conf = control(batch1, "conf")["batch-worker@batch1"]
+    assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True, conf
