@@ -708,6 +708,127 @@ def drain_timeout(settings, margin):
     return int(settings["prefetch_multiplier"]) * int(settings["time_limit"]) + int(margin)
 
 
+# --- Broker credentials ------------------------------------------------------------------------
+# What the workers and every client of the fleet may run on Redis (ACL user celery_broker_user), and why.
+# Found by running a worker (prefork, events on), a client and the control API against a Redis whose
+# INFO commandstats was reset first (tests/integration/test_broker_acl.py prints what a workload used),
+# and by reading kombu's and Celery's Redis code (kombu/transport/redis.py, celery/backends/redis.py),
+# including the Lua scripts they run (a script's redis.call() is checked against the same ACL).
+REDIS_CLIENT_COMMANDS = {
+    # Connection (redis-py): handshake, database, health checks.
+    "hello": "redis-py's handshake", "select": "the broker's and results' databases",
+    "ping": "health_check_interval and kombu's connection check",
+    "client|setname": "a client that names its connection", "client|getname": "redis-py reads a name back",
+    # (redis-py also sends CLIENT SETINFO, which Redis 7.0, Debian 12's, does not know: it ignores the error.)
+    # Queues (kombu Channel): publish, consume, size, purge, delete, bind.
+    "lpush": "publish (Channel._put)", "rpush": "restore an unacknowledged message",
+    "brpop": "consume (Channel._brpop_start)", "rpop": "basic_get (Channel._get)",
+    "llen": "queue size, purge", "del": "purge, delete a queue, results, the mutex", "exists": "queue_declare passive",
+    "pexpire": "queues with x-expires; redis-py Lock", "sadd": "queue bindings (_kombu.binding.*)",
+    "srem": "unbind", "smembers": "exchange table lookups",
+    # Unacknowledged messages (kombu QoS): the unacked hash, its index, and the restore mutex (redis-py Lock).
+    "hset": "unacked hash", "hget": "restore by tag", "hdel": "ack", "zadd": "unacked_index",
+    "zrem": "ack", "zrange": "restore_visible", "zrangebyscore": "restore_visible",
+    "set": "mutex (SET NX PX), results", "get": "mutex owner, results", "pttl": "redis-py Lock (Lua)",
+    "time": "kombu's Lua (message timestamps)",
+    "multi": "pipelines", "exec": "pipelines", "discard": "pipelines", "watch": "transactions", "unwatch": "transactions",
+    "evalsha": "Lua scripts (kombu, Celery chords, redis-py Lock)", "script|load": "a script Redis does not know yet",
+    "script|exists": "scripts in pipelines",
+    # Fanout exchanges: the control API (pidbox) and task events (celeryev).
+    "publish": "broadcast, events, result notifications", "subscribe": "result notifications",
+    "psubscribe": "broadcast and events", "unsubscribe": "a result read",
+    "punsubscribe": "a consumer of broadcasts or events closing",
+    # Results (Celery's Redis backend), chords included.
+    "setex": "results with expiry", "mget": "results of a group", "expire": "result and chord expiry",
+    "incr": "chord counters", "lrange": "ordered chord results", "zcount": "chord results",
+    "sismember": "chord part dedup",
+}
+# Never for the clients, whatever a later list adds: what would let a task wipe, copy or reconfigure Redis.
+REDIS_FORBIDDEN = ("flushall", "flushdb", "config", "replicaof", "slaveof", "monitor", "debug", "shutdown", "acl",
+                   "keys", "module", "save", "bgsave", "bgrewriteaof", "migrate", "failover", "sync", "psync")
+# A password reaches Redis only as a SHA-256 in the ACL file and the clients only inside a URL (encoded):
+# any printable character works. Whitespace and control characters are refused (a line of --askpass and the
+# env file end at a newline; a space at either end is lost by the vault's and the shell's readers).
+PASSWORD_PATTERN = re.compile(r"[!-~]{16,512}")
+
+
+def redis_acl(client_user, client_password, admin_user, admin_password):
+    """The lines of the Redis ACL file (aclfile): the default user off, the fleet's clients with exactly
+    REDIS_CLIENT_COMMANDS on every key and channel (queue names are the operator's), the admin with
+    everything. Passwords only as their SHA-256."""
+    import hashlib
+
+    def digest(password):
+        return "#" + hashlib.sha256(str(password).encode()).hexdigest()
+
+    commands = " ".join(f"+{command}" for command in sorted(REDIS_CLIENT_COMMANDS))
+    return [
+        "user default off resetpass resetkeys resetchannels -@all",
+        f"user {client_user} on {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}",
+        f"user {admin_user} on {digest(admin_password)} resetkeys ~* resetchannels &* +@all",
+    ]
+
+
+def url_secret(value):
+    """A user name or password for a URL's userinfo: every character but letters, digits and '-._~'
+    percent-encoded (Jinja's urlencode leaves '/' alone, which kombu then reads as the end of the host)."""
+    from urllib.parse import quote
+
+    return quote(str(value), safe="-._~")
+
+
+def broker_credential_errors(credentials):
+    """{variable: value} of user names and passwords -> error messages naming each bad one (and its class)."""
+    errors = []
+    for variable, value in credentials.items():
+        if "password" in variable:
+            if not isinstance(value, str) or not PASSWORD_PATTERN.fullmatch(value):
+                errors.append(f"{variable} must be 16 to 512 printable ASCII characters (letters, digits and "
+                              f"punctuation: !-~); no space, tab, newline or other control character, no "
+                              f"non-ASCII character; the value given does not qualify (its length is "
+                              f"{len(value) if isinstance(value, str) else 'not a string'})")
+        elif not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+            errors.append(f"{variable} must be a user name of letters, digits, '_', '.' and '-' (at most 64); "
+                          f"got {_show(value)}")
+    passwords = [value for variable, value in credentials.items() if "password" in variable]
+    if len(set(map(str, passwords))) != len(passwords):
+        errors.append(f"{' and '.join(v for v in credentials if 'password' in v)} must differ")
+    users = [value for variable, value in credentials.items() if "password" not in variable]
+    if "default" in users or len(set(map(str, users))) != len(users):
+        errors.append(f"{' and '.join(v for v in credentials if 'password' not in v)} must differ and "
+                      f"not be 'default' (Redis's default user is switched off)")
+    return errors
+
+
+# SHA-256 of the lab's public secrets (inventories/lab: its vault password file and the passwords its vault
+# holds, present and past). Outside the lab (celery_fleet_lab unset) any of them is refused: they are public.
+LAB_SECRET_DIGESTS = frozenset({
+    "44deed4a927d986a22e15f7687bc3f7c761df279f95401637f8a17fe7ea73af8",  # lab-vault-password.txt
+    "8f393f40c1b8024f28ca78060f9861419884efa8d5e8349a64af25d96f6f43b9",  # vault_celery_broker_password
+    "480f98d74af3c35b7cf92ae045c1621969c15a57078f0aa87accf4b685d14616",  # vault_celery_broker_admin_password
+    "c2a0cfc110fb12723a045d27b90ad44256989d6ce2b7503eed605ad93b51f81e",  # the lab's password before ACL users
+})
+
+
+def lab_secret_errors(secrets, vault_password=None, lab=False):
+    """{variable: value} of passwords, and the text of the configured vault password file -> errors naming the
+    variables (or the vault) that hold one of the lab's public secrets, unless this is the lab."""
+    import hashlib
+
+    if lab:
+        return []
+
+    def public(value):
+        return value is not None and hashlib.sha256(str(value).strip().encode()).hexdigest() in LAB_SECRET_DIGESTS
+
+    errors = [f"{variable} is one of the lab's public passwords (inventories/lab): set your own in your vault"
+              for variable, value in secrets.items() if public(value)]
+    if public(vault_password):
+        errors.append("the vault password file is the lab's public one (inventories/lab/lab-vault-password.txt): "
+                      "encrypt your inventory's vault with a password of your own")
+    return errors
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -735,4 +856,8 @@ class FilterModule:
             "celery_fleet_transport_options": transport_options,
             "celery_fleet_fleet_queues": fleet_queues,
             "celery_fleet_app_findings": app_findings,
+            "celery_fleet_redis_acl": redis_acl,
+            "celery_fleet_url_secret": url_secret,
+            "celery_fleet_broker_credential_errors": broker_credential_errors,
+            "celery_fleet_lab_secret_errors": lab_secret_errors,
         }

@@ -42,6 +42,7 @@ class Fleet:
         self.client = fleetload.lab_client(self.inventories, PROJECT)
         self.host_groups = fleetload.worker_groups(self.inventories, PROJECT)
         self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
+        self.secret_markers = secret_markers(self.inventories)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
         # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
         # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
@@ -211,3 +212,69 @@ def assert_beat_ticked_through_a_restart(broker, since, period=BEAT_TICK):
     assert not missing, f"sent ticks that never ran: {missing}"
     return {"ticks": len(sent), "span_s": round(times[-1] - times[0], 1), "longest_gap_s": round(max(gaps), 2),
             "shortest_gap_s": round(min(gaps), 2), "period_s": period}
+
+
+# --- Secrets: a run watched for the broker's passwords -------------------------------------------------------
+
+
+def secret_markers(inventories=(LAB_INVENTORY,)):
+    """What would betray the lab's broker passwords in any encoding: each password's runs of 8 or more letters and
+    digits (unchanged in a URL's percent-encoding, JSON, shell quoting and Python reprs)."""
+    hostvars = fleetload.inventory_list([str(source) for source in inventories], PROJECT)["_meta"]["hostvars"]
+    secrets = {hostvars["broker1"][name] for name in ("vault_celery_broker_password", "vault_celery_broker_admin_password")}
+    return sorted({run for secret in secrets for run in re.findall(r"[A-Za-z0-9]{8,}", secret)})
+
+
+class ProcessSampler:
+    """Samples `ps -eo args` on lab hosts (docker exec, from the controller) until stopped: every command line
+    that ran long enough to be seen while a playbook ran."""
+
+    def __init__(self, hosts=("broker1", "web1"), interval=0.2):
+        import threading
+
+        self.hosts, self.interval = hosts, interval
+        self.samples = {host: 0 for host in hosts}
+        self.lines = set()
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import subprocess
+
+        while not self._halt.is_set():
+            for host in self.hosts:
+                result = subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", "ps", "-eo", "args"],
+                                        capture_output=True, text=True, check=False)
+                if result.returncode == 0:
+                    self.samples[host] += 1
+                    self.lines.update(f"{host}: {line}" for line in result.stdout.splitlines())
+            self._halt.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._halt.set()
+        self._thread.join(30)
+
+
+def assert_no_secret_leaked(markers, output, sampler, hosts=("broker1", "web1", "web2", "batch1", "gpu1")):
+    """No marker in the playbook's output, in any sampled command line, in any host's journal or in any
+    world-readable file of any host. Returns the counts, for the report."""
+    found = {"output": [marker for marker in markers if marker in output],
+             "ps": sorted(line for line in sampler.lines if any(marker in line for marker in markers))}
+    pattern = " ".join(f"-e '{marker}'" for marker in markers)
+    for name in hosts:
+        host = lab_host(name)
+        journal = host.run(f"journalctl --no-pager -o cat | grep -F {pattern}")
+        found[f"{name} journal"] = journal.stdout.splitlines()[:5]
+        files = host.run(f"find / -xdev \\( -path /proc -o -path /sys \\) -prune -o -type f -perm -004 -size -20M "
+                         f"-print0 | xargs -0 grep -lF {pattern}")
+        found[f"{name} world-readable files"] = files.stdout.splitlines()
+    leaks = {where: what for where, what in found.items() if what}
+    assert not leaks, f"broker passwords leaked: {leaks}"
+    # The control: the markers do match the password where it must be (percent-encoded in a 0640 file).
+    assert lab_host("web1").run(f"grep -qF {pattern} /etc/celery-fleet/celery.env").rc == 0
+    return {"output_bytes": len(output), "ps_samples": dict(sampler.samples), "ps_lines": len(sampler.lines),
+            "hosts_scanned": len(hosts)}

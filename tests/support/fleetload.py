@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import yaml
@@ -38,6 +38,7 @@ import celery_fleet
 PROJECT = Path(__file__).resolve().parents[2]
 # The worker role's defaults: the one place for the profiles, the roll's order and its serial.
 ROLE_DEFAULTS = yaml.safe_load((PROJECT / "roles" / "celery_worker" / "defaults" / "main.yml").read_text())
+ROLE_DEFAULTS_BROKER = yaml.safe_load((PROJECT / "roles" / "celery_broker" / "defaults" / "main.yml").read_text())
 LEDGER_TASK = "celery_fleet_app.tasks.ledger_task"
 
 
@@ -164,7 +165,7 @@ def unacked_tokens(client: FleetClient, ledger_key: str) -> list[str]:
     tokens = []
     # Each value is kombu's [message, exchange, routing key]; the message body (base64) is Celery's
     # protocol 2 [args, kwargs, embed], and a ledger task's args are [seconds, token, ledger key].
-    for raw in client.redis().hvals("unacked"):
+    for raw in client.redis(admin=True).hvals("unacked"):  # HVALS: the admin's, not the clients'
         try:
             message = json.loads(raw)[0]
             args = json.loads(base64.b64decode(message["body"]))[0]
@@ -199,14 +200,21 @@ class FleetClient:
     broker_url: str
     result_url: str
     transport_options: dict = field(default_factory=dict)
+    # The broker's admin user (Redis ACL), for what the clients' user may not run (INFO, CONFIG).
+    admin: tuple[str, str] | None = None
 
     def app(self, name: str) -> Celery:
         return Celery(name, broker=self.broker_url, set_as_current=False,
                       broker_transport_options=dict(self.transport_options))
 
-    def redis(self, url: str | None = None) -> redis.Redis:
+    def redis(self, url: str | None = None, admin: bool = False) -> redis.Redis:
         timeout = self.transport_options.get("socket_timeout")
-        return redis.Redis.from_url(url or self.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        url = url or self.broker_url
+        if admin:  # the URL's credentials win over from_url's keywords: put the admin's in the URL
+            user, password = (quote(value, safe="") for value in self.admin)
+            parts = urlsplit(url)
+            url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc.rpartition('@')[2]}"))
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 def env_file(container: str, path: str = "/etc/celery-fleet/celery.env") -> dict:
@@ -243,7 +251,8 @@ def lab_client(inventory: str | Path = PROJECT / "inventories" / "lab", project:
     urls = [urlsplit(environment[name]) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")]
     broker_url, result_url = (
         urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[0] + f"@{address}:{url.port}")) for url in urls)
-    return FleetClient(broker_url, result_url, options)
+    admin = (ROLE_DEFAULTS_BROKER["celery_broker_admin_user"], hostvars["vault_celery_broker_admin_password"])
+    return FleetClient(broker_url, result_url, options, admin)
 
 
 def worker_groups(inventory: str | Path = PROJECT / "inventories" / "lab", project: Path = PROJECT) -> dict:

@@ -40,3 +40,10 @@ def test_every_worker_setting_has_a_default_and_every_profile_key_is_a_setting()
     assert set(options["celery_worker_defaults"]["default"]) == set(settings)
     for profile in options["celery_worker_profiles"]["default"].values():
         assert set(profile) <= set(settings)
+
+
+def test_the_workers_log_in_as_the_broker_s_client_user_by_default():
+    """Two roles, one Redis user: the worker's default is the broker's (a mismatch would lock the fleet out)."""
+    broker = yaml.safe_load((PROJECT / "roles" / "celery_broker" / "defaults" / "main.yml").read_text())
+    worker = yaml.safe_load((PROJECT / "roles" / "celery_worker" / "defaults" / "main.yml").read_text())
+    assert worker["celery_worker_broker_user"] == broker["celery_broker_user"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from ansible.errors import AnsibleFilterError
 
@@ -219,3 +221,61 @@ def test_an_app_with_periodic_tasks_and_no_beat_host_is_refused():
         "celery_worker_beat: true: they would never be sent. Set it on exactly one host (host_vars)."]
     assert cf.app_findings(report, {"web": ["default"]}, {}, beat_hosts=["batch1"])["errors"] == []
     assert cf.app_findings({**report, "beat_schedule": []}, {"web": ["default"]}, {}, beat_hosts=[])["errors"] == []
+
+
+# --- Broker credentials --------------------------------------------------------------------------------
+
+MARKER = "a/b%c#d'e\"f:g@h?i&j=k+l;m\\n`o$p"
+
+
+def test_the_acl_switches_the_default_user_off_and_keeps_only_hashes():
+    lines = cf.redis_acl("celery", MARKER, "celery-admin", "admin-" + "x" * 20)
+    assert lines[0].startswith("user default off ") and "-@all" in lines[0]
+    client, admin = lines[1].split(), lines[2].split()
+    assert client[:3] == ["user", "celery", "on"] and admin[:3] == ["user", "celery-admin", "on"]
+    assert MARKER not in "\n".join(lines) and all(line.count("#") <= 1 for line in lines)
+    assert "-@all" in client and "+@all" not in client and "+@all" in admin
+    granted = {word[1:] for word in client if word.startswith("+")}
+    assert granted == set(cf.REDIS_CLIENT_COMMANDS)
+    assert not granted & set(cf.REDIS_FORBIDDEN)
+    assert not {command.split("|")[0] for command in granted} & set(cf.REDIS_FORBIDDEN)
+
+
+def test_a_password_with_any_printable_character_survives_the_url():
+    from kombu.utils.url import url_to_parts
+
+    url = f"redis://{cf.url_secret('celery')}:{cf.url_secret(MARKER)}@broker1:6379/0"
+    parts = url_to_parts(url)  # as kombu and Celery's Redis backend read it (they decode)
+    assert (parts.hostname, parts.port, parts.username, parts.password) == ("broker1", 6379, "celery", MARKER)
+    assert set(cf.url_secret(MARKER)) <= set("ABCDEFabcdef0123456789%-._~ghijklmnopqrstuvwxyz")
+
+
+@pytest.mark.parametrize("password, problem", [
+    ("short", "16 to 512"), ("with a space inside it", "no space"), ("tab\there-and-long-enough", "no space"),
+    ("line\nbreak-and-long-enough", "no space"), ("accentué-and-long-enough", "non-ASCII"), (12345678901234567, "16 to 512"),
+])
+def test_broker_passwords_outside_the_printable_class_are_refused_by_name(password, problem):
+    errors = cf.broker_credential_errors({"celery_broker_user": "celery", "celery_broker_password": password})
+    assert len(errors) == 1 and errors[0].startswith("celery_broker_password must be") and problem in errors[0]
+    assert str(password) not in errors[0]
+
+
+def test_broker_users_and_passwords_must_differ():
+    same = cf.broker_credential_errors({"celery_broker_user": "celery", "celery_broker_password": MARKER,
+                                        "celery_broker_admin_user": "celery", "celery_broker_admin_password": MARKER})
+    assert len(same) == 2
+    assert cf.broker_credential_errors({"celery_broker_user": "default", "celery_broker_password": MARKER})
+    assert cf.broker_credential_errors({"celery_broker_user": "ce lery", "celery_broker_password": MARKER})
+    assert cf.broker_credential_errors({"celery_broker_user": "celery", "celery_broker_password": MARKER,
+                                        "celery_broker_admin_user": "celery-admin",
+                                        "celery_broker_admin_password": MARKER + "2"}) == []
+
+
+def test_the_lab_s_public_secrets_are_refused_outside_the_lab():
+    lab_vault = (Path(__file__).resolve().parents[2] / "inventories" / "lab" / "lab-vault-password.txt").read_text()
+    errors = cf.lab_secret_errors({"celery_broker_password": "Lab/q%7#x'Zk2\"SCJmeyE5Y8-LEAKMARK"}, lab_vault)
+    assert len(errors) == 2 and errors[0].startswith("celery_broker_password is one of the lab's public passwords")
+    assert "vault password file is the lab's public one" in errors[1]
+    assert cf.lab_secret_errors({"celery_broker_password": "Lab/q%7#x'Zk2\"SCJmeyE5Y8-LEAKMARK"}, lab_vault,
+                                lab=True) == []
+    assert cf.lab_secret_errors({"celery_broker_password": MARKER}, "my own vault password") == []

@@ -51,3 +51,16 @@ else:
     replies = getattr(app.control.inspect(timeout={timeout}), {method!r})() or {{}}
 print(json.dumps(replies))
 """)
+
+
+def redis_cli(host, *arguments, user="celery-admin", password=None, address=None):
+    """redis-cli on `host` as a Redis ACL user (the broker's admin by default), the password on stdin
+    (--askpass), never on its command line. Returns the command's result (rc, stdout, stderr)."""
+    if password is None:
+        secrets = lab_host("broker1").ansible.get_variables()
+        password = secrets["vault_celery_broker_admin_password" if user == "celery-admin"
+                           else "vault_celery_broker_password"]
+    encoded = base64.b64encode(f"{password}\n".encode()).decode()
+    target = f"-h {address} " if address else ""
+    words = " ".join(f"'{argument}'" for argument in arguments)
+    return host.run(f"echo {encoded} | base64 -d | redis-cli --no-auth-warning {target}--user {user} --askpass {words}")

@@ -2,8 +2,8 @@
 allowed. Every per-setting case is a fast unit test (tests/unit/test_settings.py); these run end to end
 one case of each kind of check: a per-setting error (the settings filter), a type the argument spec
 refuses, each fleet-wide check (node names, GPUs), the profile a host takes, the release id (a path, a
-space), GPU ids, the extra environment, the broker's memory caps, and changed sources under a deployed
-release id."""
+space), GPU ids, the extra environment, the broker's memory caps and passwords (the lab's public ones outside
+the lab), and changed sources under a deployed release id."""
 
 import json
 import shutil
@@ -56,6 +56,15 @@ CASES = {
         {"celery_worker_app_module": "../acme tasks"},
         ["celery_worker_app_module must name the Celery app as module or module:attribute",
          "got \"../acme tasks\""]),
+    # The lab's vault and passwords are public: an inventory that is not the lab may not use them.
+    "not-the-lab-with-the-lab-s-passwords": (
+        {"celery_fleet_lab": False},
+        ["celery_broker_password is one of the lab's public passwords (inventories/lab)",
+         "celery_broker_admin_password is one of the lab's public passwords",
+         "the vault password file is the lab's public one"]),
+    "broker-password-with-a-newline": (
+        {"celery_broker_password": "sixteen-chars-at-least\nrequirepass x"},
+        ["celery_broker_password must be 16 to 512 printable ASCII characters"]),
     "results-cap-too-small": (
         {"celery_broker_results_maxmemory": "1mb"},
         ["celery_broker_results_maxmemory must be \"0\" (results in the queue instance, no cap) or at least 32mb",

@@ -5,7 +5,7 @@ computed under every tag), changing nothing on a converged fleet."""
 import pytest
 
 import fleetload
-from fleet import INVENTORY, lab_host
+from fleet import INVENTORY, lab_host, redis_cli
 
 def worker_pids():
     return {name: lab_host(name).check_output("systemctl show -p MainPID --value 'celery-worker@*.service' | sort")
@@ -44,8 +44,7 @@ def test_one_phase_runs_on_its_own(tag):
 
 def redis_state():
     broker = lab_host("broker1")
-    password = broker.check_output("sed -n 's/^requirepass //p' /etc/redis/redis.conf")
-    fsync = broker.check_output(f"REDISCLI_AUTH='{password}' redis-cli --no-auth-warning config get appendfsync")
+    fsync = redis_cli(broker, "config", "get", "appendfsync").stdout
     return broker.check_output("systemctl show -p MainPID --value redis-server"), fsync.split()[-1]
 
 

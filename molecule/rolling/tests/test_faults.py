@@ -311,15 +311,17 @@ def test_results_filling_their_cap_are_evicted_and_the_queues_lose_nothing(fleet
     """The lab caps results at 64 MiB on their own instance (volatile-ttl: the oldest first). 150 MiB of result-sized
     values written under load: the results instance evicts, never refuses; the queue instance is not
     touched; every task runs once; a fresh result can still be stored and read."""
-    results = fleet.client.redis(fleet.client.result_url)
-    queues = fleet.client.redis()
+    # INFO is the admin's (the clients' ACL user may not run it); the flood writes as the clients do.
+    results = fleet.client.redis(fleet.client.result_url, admin=True)
+    queues = fleet.client.redis(admin=True)
+    writer = fleet.client.redis(fleet.client.result_url)
     evicted_before = results.info("stats")["evicted_keys"]
     queue_memory_before = queues.info("memory")["used_memory"]
     value = b"r" * 65536
 
     def flood(load):
         for batch in range(30):
-            pipe = results.pipeline(transaction=False)
+            pipe = writer.pipeline(transaction=False)
             for index in range(80):
                 pipe.set(f"celery-task-meta-flood-{batch}-{index}-{uuid.uuid4().hex}", value, ex=86400)
             pipe.execute()

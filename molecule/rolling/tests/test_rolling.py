@@ -28,6 +28,8 @@ from fleetlab import PROJECT, assert_capacity_kept, assert_drained_before_stop, 
 RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
 NEW_RELEASE = "1.1.0"
 BROKEN_RELEASE = "1.2.0-broken"
+# How an operator chasing a problem runs a playbook: the leak checks run these.
+LOUD = ("-vvv", "--diff", "--become", "--become-method", "su")
 GPU1_BROKEN_RELEASE = "1.3.0-broken-on-gpu-1"
 
 
@@ -75,12 +77,16 @@ def test_a_roll_that_would_leave_a_host_out_is_refused(fleet):
 
 
 def test_rolling_restart_under_load_loses_nothing(fleet):
-    """An order of one group that holds every worker host (the upgrade below rolls the default three)."""
+    """An order of one group that holds every worker host (the upgrade below rolls the default three). Run as an
+    operator debugging would (-vvv --diff, become) while the broker's and web1's command lines are sampled: no
+    password of the broker shows anywhere (fleetlab.assert_no_secret_leaked)."""
     before = fleet.units()
     since = time.time()
-    rc, output, report = fleet.roll_under_load("rolling_restart.yml", "--extra-vars",
-                                         '{"celery_worker_rolling_order": ["workers"]}')
+    with fleetlab.ProcessSampler() as sampler:
+        rc, output, report = fleet.roll_under_load("rolling_restart.yml", *LOUD, "--extra-vars",
+                                                   '{"celery_worker_rolling_order": ["workers"]}')
     assert rc == 0, output[-4000:]
+    print(f"\nleak check: {json.dumps(fleetlab.assert_no_secret_leaked(fleet.secret_markers, output, sampler))}")
     assert_every_task_ran_exactly_once(fleet, report)
     assert_capacity_kept(report)
     assert_rolled(report, fleet.nodes)
@@ -130,7 +136,8 @@ def broken_copy(tmp_path, condition="'worker' in sys.argv"):
     return source
 
 
-def failed_upgrade_under_load(fleet, failing_host, release, source, playbook="upgrade.yml", **extra_vars):
+def failed_upgrade_under_load(fleet, failing_host, release, source, playbook="upgrade.yml", arguments=(),
+                              **extra_vars):
     """Upgrade to a release that fails on `failing_host`, under load. Checks what every failed upgrade
     must leave: the run failed, no host's release changed, no host but `failing_host` was touched,
     every node consumes again, no task was lost or run twice, capacity was kept.
@@ -139,7 +146,7 @@ def failed_upgrade_under_load(fleet, failing_host, release, source, playbook="up
     before = fleet.units()
     since = time.time()
     rc, output, report = fleet.roll_under_load(
-        playbook, "--extra-vars",
+        playbook, *arguments, "--extra-vars",
         json.dumps({"celery_worker_release": release, "celery_worker_app_source": str(source),
                     "celery_worker_rolling_start_timeout": 15, **extra_vars}))
     assert rc != 0, output[-4000:]
@@ -174,8 +181,10 @@ def test_a_plain_deploy_of_a_release_that_cannot_import_stops_at_the_canary_and_
     drain, warm stop, start and health check, canary first. The broken release stops the deploy at web1,
     which goes back to its release; no other host's release or process changed; nothing lost. (The release
     the case above staged everywhere: the deploy finds it installed from the same sources and skips pip.)"""
-    message, output, report, before, since, releases = failed_upgrade_under_load(
-        fleet, "web1", BROKEN_RELEASE, broken_copy(tmp_path), playbook="site.yml")
+    with fleetlab.ProcessSampler() as sampler:
+        message, output, report, before, since, releases = failed_upgrade_under_load(
+            fleet, "web1", BROKEN_RELEASE, broken_copy(tmp_path), playbook="site.yml", arguments=LOUD)
+    print(f"\nleak check: {json.dumps(fleetlab.assert_no_secret_leaked(fleet.secret_markers, output, sampler))}")
     assert "TASK [celery_worker : Install the application into the release virtualenv]" not in output
     assert "Rolling upgrade failed on web1, instance web (web-worker@web1), at step 'health check'" in message, (
         output[-4000:])
