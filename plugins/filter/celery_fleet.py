@@ -718,7 +718,7 @@ REDIS_CLIENT_COMMANDS = {
     # Connection (redis-py): handshake, database, health checks.
     "hello": "redis-py's handshake", "select": "the broker's and results' databases",
     "ping": "health_check_interval and kombu's connection check",
-    "client|setname": "a client that names its connection", "client|getname": "redis-py reads a name back",
+    "client|setname": "a client that names its connection (kombu's client_name)",
     # (redis-py also sends CLIENT SETINFO, which Redis 7.0, Debian 12's, does not know: it ignores the error.)
     # Queues (kombu Channel): publish, consume, size, purge, delete, bind.
     "lpush": "publish (Channel._put)", "rpush": "restore an unacknowledged message",
@@ -740,10 +740,12 @@ REDIS_CLIENT_COMMANDS = {
     "punsubscribe": "a consumer of broadcasts or events closing",
     # Results (Celery's Redis backend), chords included.
     "setex": "results with expiry", "mget": "results of a group", "expire": "result and chord expiry",
-    "incr": "chord counters", "lrange": "ordered chord results", "zcount": "chord results",
+    "incrby": "chord counters (redis-py's incr sends INCRBY: Task.add_to_chord)", "lrange": "ordered chord results", "zcount": "chord results",
     "sismember": "chord part dedup",
 }
-# Never for the clients, whatever a later list adds: what would let a task wipe, copy or reconfigure Redis.
+# Never for the clients, whatever a later list adds: commands that administer, copy or flush Redis. (What the
+# list cannot prevent: one user for every client, on every key and channel, can still delete or read any queue
+# and publish control commands; the ACL keeps a task from taking over Redis itself, not from the fleet's data.)
 REDIS_FORBIDDEN = ("flushall", "flushdb", "config", "replicaof", "slaveof", "monitor", "debug", "shutdown", "acl",
                    "keys", "module", "save", "bgsave", "bgrewriteaof", "migrate", "failover", "sync", "psync")
 # A password reaches Redis only as a SHA-256 in the ACL file and the clients only inside a URL (encoded):
@@ -752,18 +754,24 @@ REDIS_FORBIDDEN = ("flushall", "flushdb", "config", "replicaof", "slaveof", "mon
 PASSWORD_PATTERN = re.compile(r"[!-~]{16,512}")
 
 
-def redis_acl(client_user, client_password, admin_user, admin_password):
+def redis_acl(client_user, client_password, admin_user, admin_password, legacy_default_user=False):
     """The lines of the Redis ACL file (aclfile): the default user off, the fleet's clients with exactly
     REDIS_CLIENT_COMMANDS on every key and channel (queue names are the operator's), the admin with
-    everything. Passwords only as their SHA-256."""
+    everything. Passwords only as their SHA-256.
+
+    legacy_default_user: for the one run that moves a broker from a single password to these users, the
+    default user stays on with the clients' password and commands, so the workers still running with the old
+    URL (no user name: Redis's default user) keep working until the roll has moved them."""
     import hashlib
 
     def digest(password):
         return "#" + hashlib.sha256(str(password).encode()).hexdigest()
 
     commands = " ".join(f"+{command}" for command in sorted(REDIS_CLIENT_COMMANDS))
+    default = (f"user default on resetpass {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}"
+               if legacy_default_user else "user default off resetpass resetkeys resetchannels -@all")
     return [
-        "user default off resetpass resetkeys resetchannels -@all",
+        default,
         f"user {client_user} on {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}",
         f"user {admin_user} on {digest(admin_password)} resetkeys ~* resetchannels &* +@all",
     ]
@@ -785,8 +793,7 @@ def broker_credential_errors(credentials):
             if not isinstance(value, str) or not PASSWORD_PATTERN.fullmatch(value):
                 errors.append(f"{variable} must be 16 to 512 printable ASCII characters (letters, digits and "
                               f"punctuation: !-~); no space, tab, newline or other control character, no "
-                              f"non-ASCII character; the value given does not qualify (its length is "
-                              f"{len(value) if isinstance(value, str) else 'not a string'})")
+                              f"non-ASCII character; the value given does not qualify")
         elif not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
             errors.append(f"{variable} must be a user name of letters, digits, '_', '.' and '-' (at most 64); "
                           f"got {_show(value)}")

@@ -25,7 +25,7 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, pending, cancel_consumer, add_consumer]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -39,6 +39,22 @@ options:
   queue:
     description: Queue to cancel or add, for the consumer actions.
     type: str
+  queues:
+    description:
+      - For C(wait_consuming), the queues each node of I(destination) must consume, exactly. The call asks every
+        I(poll) seconds (each ask waits at most I(timeout)) until they all do or I(wait) seconds have passed, and
+        reports C(consuming) and the seconds it took; it fails only on a broker error.
+    type: list
+    elements: str
+    default: []
+  wait:
+    description: Seconds C(wait_consuming) may wait in all; keep I(deadline) above it.
+    type: float
+    default: 0
+  poll:
+    description: Seconds between the asks of C(wait_consuming).
+    type: float
+    default: 0.25
   timeout:
     description: Seconds to wait for replies.
     type: float
@@ -80,6 +96,14 @@ nodes:
   description: Names of the nodes that replied, sorted.
   type: list
   returned: always
+consuming:
+  description: For C(wait_consuming), whether every destination node consumed exactly I(queues) at the end.
+  type: bool
+  returned: when action is wait_consuming
+seconds:
+  description: For C(wait_consuming), seconds from the call's start to its last answer.
+  type: float
+  returned: when action is wait_consuming
 replies:
   description: >-
     Reply of each node (for inspect, the method's result; for active and reserved, a task list; for
@@ -108,6 +132,23 @@ def _merge(replies):
     for reply in replies or []:
         merged.update(reply)
     return merged
+
+
+def wait_consuming(app, destination, queues, wait, timeout=0.5, poll=0.25):
+    """Ask the `destination` nodes what they consume until each consumes exactly `queues`, or `wait` seconds
+    passed. Returns {"consuming", "seconds", "replies"} (the last answer). A node just started answers within
+    a second or two: asking every `poll` s with short timeouts sees it as soon as it consumes, where one long
+    ask per Ansible retry would wait out its timeout and the retry's delay."""
+    expected = sorted(queues)
+    started = time.monotonic()
+    while True:
+        replies = app.control.inspect(destination=list(destination), timeout=timeout).active_queues() or {}
+        consuming = all(sorted(queue["name"] for queue in replies.get(node) or []) == expected
+                        for node in destination)
+        seconds = round(time.monotonic() - started, 2)
+        if consuming or seconds + poll >= wait:
+            return {"consuming": consuming, "seconds": seconds, "replies": replies}
+        time.sleep(poll)
 
 
 def run(app, action, method="active", destination=None, queue=None, timeout=2.0, check_mode=False):
@@ -214,21 +255,35 @@ def main():
         argument_spec={
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
-                       "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer"]},
+                       "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer", "wait_consuming"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
             "queue": {"type": "str"},
+            "queues": {"type": "list", "elements": "str", "default": []},
+            "wait": {"type": "float", "default": 0},
+            "poll": {"type": "float", "default": 0.25},
             "timeout": {"type": "float", "default": 2.0},
             "transport_options": {"type": "dict", "default": {}},
             "deadline": {"type": "float", "default": 30.0},
         },
-        required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"])],
+        required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"]),
+                     ("action", "wait_consuming", ["destination", "queues"])],
         supports_check_mode=True,
     )
     if Celery is None:
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
     app = client_app(module.params["broker_url"], module.params["transport_options"])
+    if module.params["action"] == "wait_consuming":
+        try:
+            outcome = within(module.params["deadline"], wait_consuming, app, module.params["destination"],
+                             module.params["queues"], module.params["wait"], module.params["timeout"],
+                             module.params["poll"])
+        except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
+            module.fail_json(msg=f"celery control wait_consuming failed: {error}")
+        finally:
+            app.close()
+        module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     try:
         changed, replies = within(
             module.params["deadline"], run,

@@ -85,6 +85,8 @@ def test_the_fleet_s_clients_need_nothing_the_acl_denies(broker):
         assert chord([client.signature("celery_fleet_app.tasks.benchmark_task", args=[i], queue="default")
                       for i in range(3)])(client.signature("celery_fleet_app.tasks.batch_sum",
                                                            queue="batch")).get(timeout=30)["sum"] == 6
+        # Task.add_to_chord's counter (redis-py's incr sends INCRBY).
+        client.backend.add_to_chord("acl-chord", client.AsyncResult("acl-chord-part"))
         inspect = client.control.inspect(destination=[NODE], timeout=2)
         for method in ("active", "reserved", "active_queues", "conf", "stats", "registered", "scheduled"):
             assert NODE in (getattr(inspect, method)() or {}), method

@@ -136,7 +136,8 @@ def test_documentation_parses_and_matches_the_argument_spec():
 
     documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
     yaml.safe_load(celery_control.RETURN)
-    assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer"]
+    assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
+                                               "wait_consuming"]
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
@@ -251,3 +252,33 @@ def test_a_control_call_restores_unacked_messages_older_than_its_own_visibility_
     app.close()
     assert {name: client.llen(queue) for name, queue in queues.items()} == restored
     assert {name: int(not client.hexists("unacked", tag)) for name, tag in tags.items()} == restored
+
+
+def test_wait_consuming_answers_as_soon_as_the_node_consumes_its_queues(worker):
+    outcome = celery_control.wait_consuming(worker, [NODE], ["priority", "default"], wait=10)
+    assert outcome["consuming"] is True and outcome["seconds"] < 1.0, outcome
+    assert sorted(queue["name"] for queue in outcome["replies"][NODE]) == ["default", "priority"]
+
+
+def test_wait_consuming_gives_up_after_its_wait_when_the_queues_differ(worker):
+    started = time.monotonic()
+    outcome = celery_control.wait_consuming(worker, [NODE], ["default"], wait=2)
+    assert outcome["consuming"] is False and 1.5 <= time.monotonic() - started < 4, outcome
+
+
+def test_wait_consuming_sees_a_node_started_while_it_waits(broker_url, worker):
+    """The health check of a roll: asked right after the start, it answers within a poll of the node's first
+    consuming moment, and says how long that took."""
+    node = "late-worker@localhost"
+    env = dict(os.environ, CELERY_BROKER_URL=broker_url, PYTHONPATH=str(APP_SRC))
+    command = [sys.executable, "-m", "celery", "--app", "celery_fleet_app", "worker", "--pool=threads",
+               "--concurrency=1", f"--hostname={node}", "--queues=batch", "--without-mingle", "--without-gossip",
+               "--loglevel=WARNING"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        outcome = celery_control.wait_consuming(worker, [node], ["batch"], wait=30)
+        assert outcome["consuming"] is True and 0 < outcome["seconds"] < 30, outcome
+        print(f"\nstart to consuming, seen by wait_consuming: {outcome['seconds']} s")
+    finally:
+        process.terminate()
+        process.wait(30)

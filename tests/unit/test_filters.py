@@ -279,3 +279,11 @@ def test_the_lab_s_public_secrets_are_refused_outside_the_lab():
     assert cf.lab_secret_errors({"celery_broker_password": "Lab/q%7#x'Zk2\"SCJmeyE5Y8-LEAKMARK"}, lab_vault,
                                 lab=True) == []
     assert cf.lab_secret_errors({"celery_broker_password": MARKER}, "my own vault password") == []
+
+
+def test_a_broker_moving_to_acl_users_keeps_the_default_user_for_one_run_when_asked():
+    lines = cf.redis_acl("celery", MARKER, "celery-admin", "admin-" + "x" * 20, legacy_default_user=True)
+    default, client = lines[0].split(), lines[1].split()
+    assert default[:3] == ["user", "default", "on"] and "+@all" not in default
+    # The old URLs' login (no user: Redis's default user) with the clients' password and commands, no more.
+    assert default[4] == client[3] and default[5:] == client[4:]
