@@ -327,7 +327,8 @@ def test_results_filling_their_cap_are_evicted_and_the_queues_lose_nothing(fleet
             pipe.execute()
         return 0, ""
 
-    _, _, report = fleet.under_load(flood, "results flooded past their 64 MiB cap")
+    # The flood itself takes seconds: a longer warmup and cooldown than a roll's give the load its 50 tasks.
+    _, _, report = fleet.under_load(flood, "results flooded past their 64 MiB cap", warmup=8.0, cooldown=5.0)
     memory = results.info("memory")
     evicted = results.info("stats")["evicted_keys"] - evicted_before
     print(f"results instance: {evicted} keys evicted, used {memory['used_memory'] / 2**20:.1f} MiB of "
