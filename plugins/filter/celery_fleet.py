@@ -5,6 +5,7 @@ Kept in Python so it is unit-tested (tests/unit/test_filters.py, tests/unit/test
 YAML only orchestrates.
 """
 
+import hashlib
 import re
 
 NVIDIA_SMI_LINE = re.compile(r"^GPU (?P<index>\d+): .*?(?:\(UUID: (?P<uuid>[^)]+)\))?\s*$")
@@ -731,7 +732,8 @@ REDIS_CLIENT_COMMANDS = {
     "zrem": "ack", "zrange": "restore_visible", "zrangebyscore": "restore_visible",
     "set": "mutex (SET NX PX), results", "get": "mutex owner, results", "pttl": "redis-py Lock (Lua)",
     "time": "kombu's Lua (message timestamps)",
-    "multi": "pipelines", "exec": "pipelines", "discard": "pipelines", "watch": "transactions", "unwatch": "transactions",
+    "multi": "pipelines", "exec": "pipelines", "discard": "pipelines", "watch": "transactions",
+    "unwatch": "transactions",
     "evalsha": "Lua scripts (kombu, Celery chords, redis-py Lock)", "script|load": "a script Redis does not know yet",
     "script|exists": "scripts in pipelines",
     # Fanout exchanges: the control API (pidbox) and task events (celeryev).
@@ -740,8 +742,8 @@ REDIS_CLIENT_COMMANDS = {
     "punsubscribe": "a consumer of broadcasts or events closing",
     # Results (Celery's Redis backend), chords included.
     "setex": "results with expiry", "mget": "results of a group", "expire": "result and chord expiry",
-    "incrby": "chord counters (redis-py's incr sends INCRBY: Task.add_to_chord)", "lrange": "ordered chord results", "zcount": "chord results",
-    "sismember": "chord part dedup",
+    "incrby": "chord counters (redis-py's incr sends INCRBY: Task.add_to_chord)", "lrange": "ordered chord results",
+    "zcount": "chord results", "sismember": "chord part dedup",
 }
 # Never for the clients, whatever a later list adds: commands that administer, copy or flush Redis. (What the
 # list cannot prevent: one user for every client, on every key and channel, can still delete or read any queue
@@ -754,6 +756,10 @@ REDIS_FORBIDDEN = ("flushall", "flushdb", "config", "replicaof", "slaveof", "mon
 PASSWORD_PATTERN = re.compile(r"[!-~]{16,512}")
 
 
+def _sha256(text):
+    return hashlib.sha256(str(text).encode()).hexdigest()
+
+
 def redis_acl(client_user, client_password, admin_user, admin_password, legacy_default_user=False):
     """The lines of the Redis ACL file (aclfile): the default user off, the fleet's clients with exactly
     REDIS_CLIENT_COMMANDS on every key and channel (queue names are the operator's), the admin with
@@ -762,10 +768,9 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
     legacy_default_user: for the one run that moves a broker from a single password to these users, the
     default user stays on with the clients' password and commands, so the workers still running with the old
     URL (no user name: Redis's default user) keep working until the roll has moved them."""
-    import hashlib
 
     def digest(password):
-        return "#" + hashlib.sha256(str(password).encode()).hexdigest()
+        return "#" + _sha256(password)
 
     commands = " ".join(f"+{command}" for command in sorted(REDIS_CLIENT_COMMANDS))
     default = (f"user default on resetpass {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}"
@@ -820,13 +825,11 @@ LAB_SECRET_DIGESTS = frozenset({
 def lab_secret_errors(secrets, vault_password=None, lab=False):
     """{variable: value} of passwords, and the text of the configured vault password file -> errors naming the
     variables (or the vault) that hold one of the lab's public secrets, unless this is the lab."""
-    import hashlib
-
     if lab:
         return []
 
     def public(value):
-        return value is not None and hashlib.sha256(str(value).strip().encode()).hexdigest() in LAB_SECRET_DIGESTS
+        return value is not None and _sha256(str(value).strip()) in LAB_SECRET_DIGESTS
 
     errors = [f"{variable} is one of the lab's public passwords (inventories/lab): set your own in your vault"
               for variable, value in secrets.items() if public(value)]

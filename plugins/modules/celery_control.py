@@ -255,7 +255,8 @@ def main():
         argument_spec={
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
-                       "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer", "wait_consuming"]},
+                       "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
+                                   "wait_consuming"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
@@ -273,29 +274,25 @@ def main():
     )
     if Celery is None:
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
-    app = client_app(module.params["broker_url"], module.params["transport_options"])
-    if module.params["action"] == "wait_consuming":
-        try:
-            outcome = within(module.params["deadline"], wait_consuming, app, module.params["destination"],
-                             module.params["queues"], module.params["wait"], module.params["timeout"],
-                             module.params["poll"])
-        except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
-            module.fail_json(msg=f"celery control wait_consuming failed: {error}")
-        finally:
-            app.close()
-        module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
+    params = module.params
+    app = client_app(params["broker_url"], params["transport_options"])
+    # One bounded call for every action; wait_consuming reports its outcome, the others (changed, replies).
+    if params["action"] == "wait_consuming":
+        call = (wait_consuming, app, params["destination"], params["queues"], params["wait"], params["timeout"],
+                params["poll"])
+    else:
+        call = (run, app, params["action"], params["method"], params["destination"], params["queue"],
+                params["timeout"], module.check_mode)
     try:
-        changed, replies = within(
-            module.params["deadline"], run,
-            app, module.params["action"], module.params["method"], module.params["destination"],
-            module.params["queue"], module.params["timeout"], module.check_mode,
-        )
+        outcome = within(params["deadline"], *call)
     except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
-        module.fail_json(msg=f"celery control {module.params['action']} failed: {error}")
+        module.fail_json(msg=f"celery control {params['action']} failed: {error}")
     finally:
         app.close()
+    if params["action"] == "wait_consuming":
+        module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
+    changed, replies = outcome
     module.exit_json(changed=changed, nodes=sorted(replies), replies=replies)
-
 
 if __name__ == "__main__":
     main()

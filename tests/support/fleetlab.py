@@ -7,7 +7,11 @@ every task ran exactly once, capacity kept, warm stops only, drained before stop
 import json
 import os
 import re
+import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote, urlsplit
 
 import testinfra
 
@@ -42,7 +46,7 @@ class Fleet:
         self.client = fleetload.lab_client(self.inventories, PROJECT)
         self.host_groups = fleetload.worker_groups(self.inventories, PROJECT)
         self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
-        self.secret_markers = secret_markers(self.inventories)
+        self.secret_markers = secret_markers(self.client)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
         # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
         # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
@@ -217,11 +221,11 @@ def assert_beat_ticked_through_a_restart(broker, since, period=BEAT_TICK):
 # --- Secrets: a run watched for the broker's passwords -------------------------------------------------------
 
 
-def secret_markers(inventories=(LAB_INVENTORY,)):
-    """What would betray the lab's broker passwords in any encoding: each password's runs of 8 or more letters and
-    digits (unchanged in a URL's percent-encoding, JSON, shell quoting and Python reprs)."""
-    hostvars = fleetload.inventory_list([str(source) for source in inventories], PROJECT)["_meta"]["hostvars"]
-    secrets = {hostvars["broker1"][name] for name in ("vault_celery_broker_password", "vault_celery_broker_admin_password")}
+def secret_markers(client):
+    """What would betray the broker's passwords (the clients' from the client's URL, the admin's) in any
+    encoding: each password's runs of 8 or more letters and digits (unchanged in a URL's percent-encoding,
+    JSON, shell quoting and Python reprs)."""
+    secrets = {unquote(urlsplit(client.broker_url).password), client.admin[1]}
     return sorted({run for secret in secrets for run in re.findall(r"[A-Za-z0-9]{8,}", secret)})
 
 
@@ -230,8 +234,6 @@ class ProcessSampler:
     that ran long enough to be seen while a playbook ran."""
 
     def __init__(self, hosts=("broker1", "web1"), interval=0.2):
-        import threading
-
         self.hosts, self.interval = hosts, interval
         self.samples = {host: 0 for host in hosts}
         self.lines = set()
@@ -239,8 +241,6 @@ class ProcessSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        import subprocess
-
         while not self._halt.is_set():
             for host in self.hosts:
                 result = subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", "ps", "-eo", "args"],
@@ -273,8 +273,6 @@ def assert_no_secret_leaked(markers, output, sampler, hosts=("broker1", "web1", 
                          f"-print0 | xargs -0 grep -lF {pattern}")
         return {f"{name} journal": journal.stdout.splitlines()[:5],
                 f"{name} world-readable files": files.stdout.splitlines()}
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(len(hosts), 1)) as pool:
         for result in pool.map(scan, hosts):

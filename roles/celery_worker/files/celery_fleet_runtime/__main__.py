@@ -3,7 +3,8 @@
 Reads ``{"app": "module:attribute", "environment": {...}}`` as JSON on stdin (the environment the workers
 get; passed on stdin so that no value lands on a command line), imports the app through the runtime exactly
 as a worker does, imports its task modules and prints one JSON report on stdout: the app's own visibility
-timeout and whether it was finalized before the fleet's settings, and for each task the delivery options it runs with and the queue it is routed to.
+timeout and whether it was finalized before the fleet's settings, and for each task the delivery options it
+runs with and the queue it is routed to.
 Judging the report (what breaks a guarantee, what is only odd) is the role's filter's job
 (celery_fleet_app_findings), not this one's: this only looks.
 """
