@@ -662,6 +662,32 @@ def unit_start_times(systemctl_show):
             for unit, at in _active_units(systemctl_show).items() if unit.startswith("celery-worker@")}
 
 
+def unit_main_pids(systemctl_show):
+    """{instance name: main PID} of the active celery-worker@ units in the same `systemctl show` output
+    (with -p MainPID)."""
+    pids = {}
+    for block in (systemctl_show or "").split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        unit = fields.get("Id", "")
+        if fields.get("ActiveState") == "active" and unit.startswith("celery-worker@") and fields.get("MainPID", "0") != "0":
+            pids[unit[len("celery-worker@"):].removesuffix(".service")] = int(fields["MainPID"])
+    return pids
+
+
+def transport_switched(grep_results, tls):
+    """Names of the running instances that connect to the broker the other way than `tls` says (TLS switched on
+    or off): Ansible's results of `grep --count --null-data '^CELERY_BROKER_URL=rediss://' /proc/<pid>/environ`
+    looped over unit_main_pids().items(). An instance whose environment could not be read is left to the roll."""
+    switched = []
+    for result in grep_results or []:
+        count = str(result.get("stdout", "")).strip()
+        if result.get("skipped") or count not in ("0", "1"):
+            continue
+        if (count == "1") != bool(tls):
+            switched.append(result["item"][0])
+    return switched
+
+
 def beat_restart_due(systemctl_show, files):
     """Whether celery-beat.service must be (re)started: it does not run, or it started before one of the files
     it starts with changed (files: [{"path", "mtime"}], the current link's own mtime among them)."""
@@ -839,6 +865,78 @@ def lab_secret_errors(secrets, vault_password=None, lab=False):
     return errors
 
 
+# --- TLS between the fleet and its broker ------------------------------------------------------------------------
+REDIS_SCHEMES = ("redis", "rediss")
+# Where the broker role installs its certificate, key and CA on the broker host (the workers copy the CA from here).
+BROKER_TLS_DIR = "/etc/redis/tls"
+
+
+def broker_tls_files(tls_dir=BROKER_TLS_DIR):
+    """{dir, ca_cert, cert, key}: the broker's TLS files on the broker host. One place for both roles: the broker
+    role installs them, the worker role reads the CA the broker trusts from here."""
+    return {"dir": tls_dir, "ca_cert": f"{tls_dir}/ca.crt", "cert": f"{tls_dir}/redis.crt", "key": f"{tls_dir}/redis.key"}
+
+
+def tls_names(names):
+    """Host names and addresses -> subjectAltName entries ("IP:..." for an address, "DNS:..." otherwise), in order,
+    without duplicates or empty values."""
+    import ipaddress
+
+    entries = []
+    for name in names or []:
+        name = str(name or "").strip()
+        if not name:
+            continue
+        try:
+            entry = f"IP:{ipaddress.ip_address(name)}"
+        except ValueError:
+            entry = f"DNS:{name}"
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+def redis_url(endpoint, user, password, ca_certs=None):
+    """A Redis URL for the fleet's clients: "host:port/db" with the user and password percent-encoded, and with
+    TLS (ca_certs: the CA file on the client's host) "rediss://" plus the query both kombu and Celery's result
+    backend read: the server's certificate required and checked against that CA (a rediss:// URL without
+    ssl_cert_reqs makes Celery refuse to start; CERT_NONE would accept any server)."""
+    from urllib.parse import quote
+
+    scheme = "rediss" if ca_certs else "redis"
+    query = f"?ssl_cert_reqs=required&ssl_ca_certs={quote(str(ca_certs), safe='')}" if ca_certs else ""
+    return f"{scheme}://{url_secret(user)}:{url_secret(password)}@{endpoint}{query}"
+
+
+def broker_url_errors(url, variable="celery_worker_broker_url"):
+    """Errors of a Redis URL the fleet's clients would use (never echoing its credentials): the scheme one of
+    REDIS_SCHEMES; rediss:// with the server's certificate required and a CA file; redis:// without TLS options
+    (Celery refuses those)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(str(url).strip())
+        query = parse_qs(parts.query)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError as error:
+        return [f"{variable} is not a valid URL ({error})"]
+    if parts.scheme not in REDIS_SCHEMES:
+        return [f"{variable} must use one of the schemes {list(REDIS_SCHEMES)}; got '{parts.scheme}://...'"]
+    tls_options = sorted(key for key in query if key.startswith("ssl_"))
+    if parts.scheme == "redis":
+        if tls_options:
+            return [f"{variable} is a redis:// (plain TCP) URL with TLS options {tls_options}: use rediss://"]
+        return []
+    errors = []
+    if [value.lower() for value in query.get("ssl_cert_reqs", [])] not in (["required"], ["cert_required"]):
+        errors.append(f"{variable} is a rediss:// URL: it needs ssl_cert_reqs=required (the broker's certificate "
+                      f"checked; 'none' or 'optional' would accept any server); got "
+                      f"{query.get('ssl_cert_reqs', ['nothing'])[0]!r}")
+    if not query.get("ssl_ca_certs"):
+        errors.append(f"{variable} is a rediss:// URL: it needs ssl_ca_certs=<the CA file on the worker host>")
+    return errors
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -861,6 +959,8 @@ class FilterModule:
             "celery_fleet_consumers_to_restore": consumers_to_restore,
             "celery_fleet_unit_start_times": unit_start_times,
             "celery_fleet_beat_restart_due": beat_restart_due,
+            "celery_fleet_unit_main_pids": unit_main_pids,
+            "celery_fleet_transport_switched": transport_switched,
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
@@ -870,4 +970,8 @@ class FilterModule:
             "celery_fleet_url_secret": url_secret,
             "celery_fleet_broker_credential_errors": broker_credential_errors,
             "celery_fleet_lab_secret_errors": lab_secret_errors,
+            "celery_fleet_broker_tls_files": broker_tls_files,
+            "celery_fleet_tls_names": tls_names,
+            "celery_fleet_redis_url": redis_url,
+            "celery_fleet_broker_url_errors": broker_url_errors,
         }

@@ -25,7 +25,7 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -48,11 +48,14 @@ options:
     elements: str
     default: []
   wait:
-    description: Seconds C(wait_consuming) may wait in all; keep I(deadline) above it.
+    description: >-
+      Seconds C(wait_consuming) or C(wait_drained) may wait in all; keep I(deadline) above it. C(wait_drained)
+      asks the I(destination) nodes for C(pending) every I(poll) seconds until each has no reserved and no active
+      task, and reports C(drained), C(seconds) and the last C(replies).
     type: float
     default: 0
   poll:
-    description: Seconds between the asks of C(wait_consuming).
+    description: Seconds between the asks of C(wait_consuming) and C(wait_drained).
     type: float
     default: 0.25
   timeout:
@@ -101,9 +104,13 @@ consuming:
   type: bool
   returned: when action is wait_consuming
 seconds:
-  description: For C(wait_consuming), seconds from the call's start to its last answer.
+  description: For C(wait_consuming) and C(wait_drained), seconds from the call's start to its last answer.
   type: float
-  returned: when action is wait_consuming
+  returned: when action is wait_consuming or wait_drained
+drained:
+  description: For C(wait_drained), whether every destination node had no reserved and no active task at the end.
+  type: bool
+  returned: when action is wait_drained
 replies:
   description: >-
     Reply of each node (for inspect, the method's result; for active and reserved, a task list; for
@@ -148,6 +155,21 @@ def wait_consuming(app, destination, queues, wait, timeout=0.5, poll=0.25):
         seconds = round(time.monotonic() - started, 2)
         if consuming or seconds + poll >= wait:
             return {"consuming": consuming, "seconds": seconds, "replies": replies}
+        time.sleep(poll)
+
+
+def wait_drained(app, destination, wait, timeout=1.0, poll=0.25):
+    """Ask the `destination` nodes for their pending tasks (run's "pending": reserved, then active) until each
+    has none, or `wait` seconds passed. Returns {"drained", "seconds", "replies"} (the last answer). A drain
+    ends within a poll of the node's last task finishing, where one ask per Ansible retry waited a second
+    plus the module's start each time."""
+    started = time.monotonic()
+    while True:
+        replies = run(app, "pending", destination=destination, timeout=timeout)[1]
+        drained = all((replies.get(node) or {}).get("total") == 0 for node in destination)
+        seconds = round(time.monotonic() - started, 2)
+        if drained or seconds + poll >= wait:
+            return {"drained": drained, "seconds": seconds, "replies": replies}
         time.sleep(poll)
 
 
@@ -256,7 +278,7 @@ def main():
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
                        "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                   "wait_consuming"]},
+                                   "wait_consuming", "wait_drained"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
@@ -269,17 +291,20 @@ def main():
             "deadline": {"type": "float", "default": 30.0},
         },
         required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"]),
-                     ("action", "wait_consuming", ["destination", "queues"])],
+                     ("action", "wait_consuming", ["destination", "queues"]),
+                     ("action", "wait_drained", ["destination"])],
         supports_check_mode=True,
     )
     if Celery is None:
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
     params = module.params
     app = client_app(params["broker_url"], params["transport_options"])
-    # One bounded call for every action; wait_consuming reports its outcome, the others (changed, replies).
+    # One bounded call for every action; the waits report their outcome, the others (changed, replies).
     if params["action"] == "wait_consuming":
         call = (wait_consuming, app, params["destination"], params["queues"], params["wait"], params["timeout"],
                 params["poll"])
+    elif params["action"] == "wait_drained":
+        call = (wait_drained, app, params["destination"], params["wait"], params["timeout"], params["poll"])
     else:
         call = (run, app, params["action"], params["method"], params["destination"], params["queue"],
                 params["timeout"], module.check_mode)
@@ -289,7 +314,7 @@ def main():
         module.fail_json(msg=f"celery control {params['action']} failed: {error}")
     finally:
         app.close()
-    if params["action"] == "wait_consuming":
+    if params["action"] in ("wait_consuming", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     changed, replies = outcome
     module.exit_json(changed=changed, nodes=sorted(replies), replies=replies)

@@ -137,7 +137,7 @@ def test_documentation_parses_and_matches_the_argument_spec():
     documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
     yaml.safe_load(celery_control.RETURN)
     assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                               "wait_consuming"]
+                                               "wait_consuming", "wait_drained"]
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
@@ -282,3 +282,41 @@ def test_wait_consuming_sees_a_node_started_while_it_waits(broker_url, worker):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_wait_drained_answers_within_a_poll_of_the_last_task_finishing(worker):
+    """The drain of a roll: one call that sees the node idle as soon as its last task (2 s, one more reserved
+    behind it) finished, instead of one Ansible retry a second."""
+    from celery import Celery
+
+    producer = Celery("unit-test-producer", broker=worker.conf.broker_url)
+    try:
+        for token in ("first", "second"):
+            producer.send_task("celery_fleet_app.tasks.sleep_task", args=[2, token], queue="default")
+        deadline = time.monotonic() + 10
+        while celery_control.run(worker, "pending", destination=[NODE], timeout=1)[1].get(NODE, {}).get("total") != 2:
+            assert time.monotonic() < deadline, "the tasks never reached the node"
+        started = time.monotonic()
+        outcome = celery_control.wait_drained(worker, [NODE], wait=20)
+        waited = time.monotonic() - started
+        assert outcome["drained"] is True and outcome["replies"] == {NODE: {"reserved": 0, "active": 0, "total": 0}}
+        # Two 2 s tasks one after the other on one slot: idle after 2-4 s, seen within a poll (+ one ask).
+        assert 1.0 < waited < 6.0 and abs(outcome["seconds"] - waited) < 1.0, (waited, outcome)
+        print(f"\nwait_drained: idle seen {outcome['seconds']} s into the wait")
+    finally:
+        producer.close()
+
+
+def test_wait_drained_gives_up_after_its_wait_and_says_what_is_left(worker):
+    from celery import Celery
+
+    producer = Celery("unit-test-producer", broker=worker.conf.broker_url)
+    try:
+        producer.send_task("celery_fleet_app.tasks.sleep_task", args=[4, "long"], queue="default")
+        started = time.monotonic()
+        outcome = celery_control.wait_drained(worker, [NODE], wait=1.5)
+        assert outcome["drained"] is False and 1.0 <= time.monotonic() - started < 4, outcome
+        assert outcome["replies"][NODE]["total"] >= 1
+        assert celery_control.wait_drained(worker, [NODE], wait=15)["drained"] is True
+    finally:
+        producer.close()

@@ -27,7 +27,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 import yaml
@@ -234,7 +234,8 @@ def lab_client(inventory: str | Path = PROJECT / "inventories" / "lab", project:
     from a worker's env file, the one place the role writes them.
 
     The lab's hosts are containers: their names resolve only on the lab network, so the broker's
-    container address is asked from Docker.
+    container address is asked from Docker. With TLS, the CA the workers check the broker against is copied
+    from the worker to the controller, and the URLs point to that copy (the address is in the certificate).
     """
     listing = inventory_list(inventory, project)
     broker = listing["broker"]["hosts"][0]
@@ -249,8 +250,15 @@ def lab_client(inventory: str | Path = PROJECT / "inventories" / "lab", project:
     options = json.loads(environment["CELERY_BROKER_TRANSPORT_OPTIONS"])
     # The workers' URLs, with the broker's name (resolved on the lab network only) replaced by its address.
     urls = [urlsplit(environment[name]) for name in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")]
+    query = dict(parse_qsl(urls[0].query))
+    if "ssl_ca_certs" in query:
+        ca_copy = Path(os.environ.get("TMPDIR", "/tmp")) / f"celery-fleet-lab-broker-ca-{container}.crt"
+        ca_copy.write_text(subprocess.run(["docker", "exec", worker_container, "cat", query["ssl_ca_certs"]],
+                                          capture_output=True, text=True, check=True).stdout)
+        query["ssl_ca_certs"] = str(ca_copy)
     broker_url, result_url = (
-        urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[0] + f"@{address}:{url.port}")) for url in urls)
+        urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[0] + f"@{address}:{url.port}",
+                                query=urlencode(query, quote_via=quote) if query else "")) for url in urls)
     admin = (ROLE_DEFAULTS_BROKER["celery_broker_admin_user"], hostvars["vault_celery_broker_admin_password"])
     return FleetClient(broker_url, result_url, options, admin)
 

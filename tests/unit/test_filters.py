@@ -287,3 +287,58 @@ def test_a_broker_moving_to_acl_users_keeps_the_default_user_for_one_run_when_as
     assert default[:3] == ["user", "default", "on"] and "+@all" not in default
     # The old URLs' login (no user: Redis's default user) with the clients' password and commands, no more.
     assert default[4] == client[3] and default[5:] == client[4:]
+
+
+# --- TLS to the broker ---------------------------------------------------------------------------------------------
+def test_a_tls_url_is_read_by_kombu_and_celery_s_backend_with_the_certificate_required(tmp_path):
+    import ssl
+
+    from celery import Celery
+    from celery.backends.redis import RedisBackend
+    from kombu import Connection
+
+    ca = tmp_path / "broker ca.crt"  # a space in the path survives the query too
+    url = cf.redis_url("broker1:6379/0", "celery", MARKER, str(ca))
+    assert url.startswith("rediss://") and cf.broker_url_errors(url) == []
+    conninfo = Connection(url)
+    assert (conninfo.hostname, conninfo.port, conninfo.userid, conninfo.password) == ("broker1", 6379, "celery", MARKER)
+    assert conninfo.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca)}
+    params = RedisBackend(app=Celery(set_as_current=False), url=cf.redis_url("broker1:6380/0", "celery", MARKER, str(ca))).connparams
+    assert (params["ssl_cert_reqs"], params["ssl_ca_certs"], params["port"]) == (ssl.CERT_REQUIRED, str(ca), 6380)
+    assert params["password"] == MARKER
+
+
+def test_a_plain_url_has_no_tls_options():
+    url = cf.redis_url("broker1:6379/1", "celery", "x" * 16)
+    assert url == f"redis://celery:{'x' * 16}@broker1:6379/1" and cf.broker_url_errors(url) == []
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("rediss://u:p@broker1:6379/0", "ssl_cert_reqs=required"),
+    ("rediss://u:p@broker1:6379/0?ssl_cert_reqs=none&ssl_ca_certs=%2Fca", "got 'none'"),
+    ("rediss://u:p@broker1:6379/0?ssl_cert_reqs=optional&ssl_ca_certs=%2Fca", "got 'optional'"),
+    ("rediss://u:p@broker1:6379/0?ssl_cert_reqs=required", "ssl_ca_certs"),
+    ("redis://u:p@broker1:6379/0?ssl_cert_reqs=required", "use rediss://"),
+    ("amqp://u:p@broker1:5672//", "one of the schemes ['redis', 'rediss']"),
+    ("redis://u:p@broker1:port/0", "not a valid URL"),
+])
+def test_broker_urls_that_would_not_check_the_broker_are_refused(url, problem):
+    errors = cf.broker_url_errors(url, "celery_worker_broker_url")
+    assert errors and all(error.startswith("celery_worker_broker_url") for error in errors)
+    assert problem in " ".join(errors) and ":p@" not in " ".join(errors)
+
+
+def test_certificate_names_are_addresses_or_host_names_once_each():
+    assert cf.tls_names(["broker1", "", None, "172.18.0.5", "127.0.0.1", "broker1", "::1", "redis.example.com"]) == [
+        "DNS:broker1", "IP:172.18.0.5", "IP:127.0.0.1", "IP:::1", "DNS:redis.example.com"]
+
+
+def test_instances_cut_off_by_a_switch_of_tls_are_found_from_their_environment():
+    show = ("Id=celery-worker@web.service\nActiveState=active\nActiveEnterTimestamp=x\nMainPID=101\n\n"
+            "Id=celery-worker@gpu-1.service\nActiveState=active\nActiveEnterTimestamp=x\nMainPID=102\n\n"
+            "Id=celery-worker@old.service\nActiveState=inactive\nActiveEnterTimestamp=x\nMainPID=0\n")
+    assert cf.unit_main_pids(show) == {"web": 101, "gpu-1": 102}
+    results = [{"item": ["web", 101], "stdout": "0"}, {"item": ["gpu-1", 102], "stdout": "1"},
+               {"item": ["gone", 103], "stdout": "", "rc": 2}, {"item": ["skipped", 104], "skipped": True}]
+    assert cf.transport_switched(results, tls=True) == ["web"]
+    assert cf.transport_switched(results, tls=False) == ["gpu-1"]

@@ -62,5 +62,9 @@ def redis_cli(host, *arguments, user="celery-admin", password=None, address=None
                            else "vault_celery_broker_password"]
     encoded = base64.b64encode(f"{password}\n".encode()).decode()
     target = f"-h {address} " if address else ""
+    # A broker with TLS (celery_broker_tls) has no plain port: over TLS, checked against the CA this host holds.
+    if lab_host("broker1").run("grep -q '^tls-port ' /etc/redis/redis.conf").rc == 0:
+        ca = next(path for path in ("/etc/redis/tls/ca.crt", "/etc/celery-fleet/broker-ca.crt") if host.file(path).exists)
+        target += f"--tls --cacert {ca} "
     words = " ".join(f"'{argument}'" for argument in arguments)
     return host.run(f"echo {encoded} | base64 -d | redis-cli --no-auth-warning {target}--user {user} --askpass {words}")

@@ -29,7 +29,9 @@ FAULT_RATES = {"default": 0.4, "priority": 0.24, "batch": 0.16, "ml": 0.08}
 FAULT_DURATIONS = (0.0, 20.0)
 VISIBILITY_TIMEOUT = 60
 DRAIN_WAIT = "TASK [celery_worker : Drain: wait until the node has no reserved and no active task]"
-INTERRUPTED_RELEASE = "1.4.0"
+# Back to the release the converge deployed (the rolls moved every host to 1.1.0): an upgrade like any other, and
+# its wheelhouse is cached on the controller, so the case spends its time on the roll, not on a build.
+INTERRUPTED_RELEASE = "1.0.0"
 NETWORK = "celery-fleet-lab"
 
 

@@ -16,8 +16,10 @@ out. Faults (a killed run, the broker, lost hosts) are the faults scenario's.
 import json
 import shutil
 import time
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
+import redis
 
 import fleetlab
 import fleetload
@@ -41,6 +43,46 @@ def fleet():
 
 def assert_every_task_ran_exactly_once(fleet, report, minimum=100):
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum)
+
+
+def test_the_broker_serves_tls_only_and_clients_check_its_certificate(fleet):
+    """celery_broker_tls (this scenario's inventory): the plain port is closed, a client that does not check the
+    certificate against the fleet's CA is refused, the fleet's own clients connect over TLS."""
+    parts = urlsplit(fleet.client.broker_url)
+    query = dict(parse_qsl(parts.query))
+    assert parts.scheme == "rediss" and query["ssl_cert_reqs"] == "required", parts.scheme
+    credentials = {"host": parts.hostname, "port": parts.port, "username": unquote(parts.username),
+                   "password": unquote(parts.password), "socket_timeout": 5, "socket_connect_timeout": 5}
+    # Plain TCP, right user and password: the TLS listener drops it.
+    with pytest.raises(redis.exceptions.ConnectionError) as plain:
+        redis.Redis(**credentials).ping()
+    # TLS without the fleet's CA (the system's CAs only): the certificate does not verify.
+    with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        redis.Redis(ssl=True, ssl_cert_reqs="required", **credentials).ping()
+    # With the CA the workers hold: it answers.
+    assert redis.Redis(ssl=True, ssl_cert_reqs="required", ssl_ca_certs=query["ssl_ca_certs"], **credentials).ping()
+    print(f"plain TCP refused ({plain.value}); TLS without the CA: certificate verify failed; with it: PONG")
+
+    broker = fleetlab.lab_host("broker1")
+    config = broker.file("/etc/redis/redis.conf").content_string
+    assert "\nport 0\n" in config and f"\ntls-port {parts.port}\n" in config
+    # Redis listens on the queue and results instances' ports only, both TLS (results: port + 1, the lab caps them).
+    results_config = broker.file("/etc/redis/redis-results.conf").content_string
+    assert "\nport 0\n" in results_config and f"\ntls-port {parts.port + 1}\n" in results_config
+    ports = {line.split()[3].rpartition(":")[2] for line in broker.run("ss -Htln").stdout.splitlines()}
+    assert {str(parts.port), str(parts.port + 1)} <= ports, ports
+    key = broker.file("/etc/redis/tls/redis.key")
+    assert (key.user, key.mode) == ("redis", 0o600)
+    ca = broker.file("/etc/redis/tls/ca.crt").content_string
+    for host in ("web1", "web2", "batch1", "gpu1"):
+        worker = fleetlab.lab_host(host)
+        assert worker.file("/etc/celery-fleet/broker-ca.crt").content_string == ca, host
+        # From a worker host too, a plain PING gets no Redis reply (a plain Redis would say -NOAUTH).
+        reply = worker.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/broker1/{parts.port}; printf \"PING\\r\\n\" >&3; "
+                           f"timeout 2 head -c 64 <&3' | od -c | head -3").stdout
+        assert "N   O   A   U   T   H" not in reply and "P   O   N   G" not in reply, (host, reply)
+    # Every node answers the control API, over TLS.
+    assert fleet.consuming() == fleet.nodes
 
 
 def test_capacity_guard_refuses_to_drain_below_the_minimum(fleet):
