@@ -770,6 +770,8 @@ REDIS_CLIENT_COMMANDS = {
     "setex": "results with expiry", "mget": "results of a group", "expire": "result and chord expiry",
     "incrby": "chord counters (redis-py's incr sends INCRBY: Task.add_to_chord)", "lrange": "ordered chord results",
     "zcount": "chord results", "sismember": "chord part dedup",
+    # The fleet's own status (celery_control action=status): read only.
+    "hscan": "unacknowledged messages per queue (status)",
 }
 # Never for the clients, whatever a later list adds: commands that administer, copy or flush Redis. (What the
 # list cannot prevent: one user for every client, on every key and channel, can still delete or read any queue
@@ -937,6 +939,80 @@ def broker_url_errors(url, variable="celery_worker_broker_url"):
     return errors
 
 
+# --- The fleet's status ---------------------------------------------------------------------------------------------
+def _memory(value):
+    """systemd's MemoryCurrent/MemoryMax ("[not set]", "infinity" or bytes) -> bytes or None."""
+    return int(value) if str(value).isdigit() else None
+
+
+def fleet_status(hosts, observed, min_online=None):
+    """One view of the fleet, from the inventory's side and the fleet's (celery_control action=status).
+
+    hosts: {host: {"group", "release", "nodes": {node: [queues]}, "units": {node: {"active", "memory",
+    "memory_max"}}}} for every worker host (what it should run, and its units as systemd sees them).
+    observed: the status action's {"nodes_status", "queues_status"}. min_online: celery_worker_rolling_min_online.
+    Returns {"nodes": [...], "queues": [...], "groups": [...]}. A node's state: "in service" (answers and
+    consumes all its queues), "drained" (answers, consumes fewer), "offline" (its unit runs, it does not answer),
+    "missing" (expected, no unit running), "unknown" (answers, not in the inventory). Utilisation: active /
+    concurrency (the seed's definition).
+    """
+    answered = observed.get("nodes_status") or {}
+    nodes, expected = [], set()
+    for host in sorted(hosts):
+        info = hosts[host]
+        for node in sorted(info.get("nodes") or {}):
+            expected.add(node)
+            queues = sorted(info["nodes"][node])
+            seen = answered.get(node)
+            unit = (info.get("units") or {}).get(node) or {}
+            if seen is not None:
+                state = "in service" if set(queues) <= set(seen.get("queues") or []) else "drained"
+            else:
+                state = "offline" if unit.get("active") else "missing"
+            seen = seen or {}
+            active, concurrency = seen.get("active"), seen.get("concurrency")
+            nodes.append({
+                "node": node, "group": info.get("group"), "host": host, "release": info.get("release"),
+                "state": state, "queues": queues, "consuming": seen.get("queues", []),
+                "active": active, "concurrency": concurrency, "reserved": seen.get("reserved"),
+                "utilisation": round(active / concurrency, 3) if active is not None and concurrency else None,
+                "processed": seen.get("processed"), "pool": seen.get("pool"), "uptime": seen.get("uptime"),
+                "memory": _memory(unit.get("memory")), "memory_max": _memory(unit.get("memory_max")),
+            })
+    for node in sorted(set(answered) - expected):
+        seen = answered[node]
+        nodes.append({"node": node, "group": None, "host": None, "release": None, "state": "unknown",
+                      "queues": [], "consuming": seen.get("queues", []), "active": seen.get("active"),
+                      "concurrency": seen.get("concurrency"), "reserved": seen.get("reserved"),
+                      "utilisation": None, "processed": seen.get("processed"), "pool": seen.get("pool"),
+                      "uptime": seen.get("uptime"), "memory": None, "memory_max": None})
+    queues = [{"queue": name, **details} for name, details in sorted((observed.get("queues_status") or {}).items())]
+    groups = []
+    for group in sorted({node["group"] for node in nodes if node["group"]}):
+        members = [node for node in nodes if node["group"] == group]
+        serving = sum(node["state"] == "in service" for node in members)
+        # What the capacity guard asks of the others while one node is drained: min_online, or all of them.
+        minimum = int(min_online) if min_online is not None else len(members) - 1
+        groups.append({"group": group, "nodes": len(members), "in_service": serving,
+                       "guard_minimum": minimum, "can_roll": serving - 1 >= minimum})
+    return {"nodes": nodes, "queues": queues, "groups": groups}
+
+
+def systemd_units_memory(systemctl_show, node_names=None, instance_names=None):
+    """{unit id: {"active", "memory", "memory_max"}} from `systemctl show -p Id -p ActiveState -p MemoryCurrent
+    -p MemoryMax <units>` (MemoryCurrent: the unit's cgroup, the node and its pool's children). With the host's
+    node names and their instances' names (same order): {node: that unit's, or {} when systemd has none}."""
+    units = {}
+    for block in (systemctl_show or "").split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if fields.get("Id"):
+            units[fields["Id"]] = {"active": fields.get("ActiveState") == "active",
+                                   "memory": fields.get("MemoryCurrent"), "memory_max": fields.get("MemoryMax")}
+    if node_names is None:
+        return units
+    return {node: units.get(f"celery-worker@{name}.service", {}) for node, name in zip(node_names, instance_names)}
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -974,4 +1050,6 @@ class FilterModule:
             "celery_fleet_tls_names": tls_names,
             "celery_fleet_redis_url": redis_url,
             "celery_fleet_broker_url_errors": broker_url_errors,
+            "celery_fleet_fleet_status": fleet_status,
+            "celery_fleet_systemd_units_memory": systemd_units_memory,
         }

@@ -25,7 +25,7 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained, status]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -44,6 +44,15 @@ options:
       - For C(wait_consuming), the queues each node of I(destination) must consume, exactly. The call asks every
         I(poll) seconds (each ask waits at most I(timeout)) until they all do or I(wait) seconds have passed, and
         reports C(consuming) and the seconds it took; it fails only on a broker error.
+    type: list
+    elements: str
+    default: []
+  status_queues:
+    description: >-
+      For C(status): the queues whose depth to read. The call asks every node (or I(destination)) for stats,
+      active, reserved and active_queues at once, and reads from Redis each queue's ready messages summed over
+      every priority sub-list kombu uses (the transport's own names for them), and the unacknowledged messages
+      (kombu's unacked hash) per queue. Returns C(nodes_status) and C(queues_status); never changes anything.
     type: list
     elements: str
     default: []
@@ -107,6 +116,18 @@ seconds:
   description: For C(wait_consuming) and C(wait_drained), seconds from the call's start to its last answer.
   type: float
   returned: when action is wait_consuming or wait_drained
+nodes_status:
+  description: >-
+    For C(status): per answering node, C(pool), C(concurrency), C(active), C(reserved), C(processed) (tasks
+    received since its start), C(uptime) (s), C(pid) and C(queues) (consumed now).
+  type: dict
+  returned: when action is status
+queues_status:
+  description: >-
+    For C(status): per queue, C(ready) (sum over C(by_priority), the depth of each priority sub-list),
+    C(unacked) and C(consumers) (nodes consuming it).
+  type: dict
+  returned: when action is status
 drained:
   description: For C(wait_drained), whether every destination node had no reserved and no active task at the end.
   type: bool
@@ -171,6 +192,68 @@ def wait_drained(app, destination, wait, timeout=1.0, poll=0.25):
         if drained or seconds + poll >= wait:
             return {"drained": drained, "seconds": seconds, "replies": replies}
         time.sleep(poll)
+
+
+def status(app, queues, destination=None, timeout=1.0):
+    """The fleet as its nodes and its broker see it: one round of inspect calls (stats, active, reserved,
+    active_queues: every node answers each in parallel) and direct reads of Redis through the transport's own
+    channel (its priority sub-list names, its unacked hash), never KEYS and never a shell."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(method):
+        inspector = app.control.inspect(destination=list(destination or []) or None, timeout=timeout)
+        return getattr(inspector, method)() or {}
+
+    # Four broadcasts at once: without a destination each waits its whole timeout for nodes it does not know of.
+    with ThreadPoolExecutor(4) as pool:
+        stats, active, reserved, consuming = pool.map(ask, ("stats", "active", "reserved", "active_queues"))
+    nodes = {}
+    for node in sorted(set(stats) | set(consuming)):
+        node_stats = stats.get(node) or {}
+        pool = node_stats.get("pool") or {}
+        nodes[node] = {
+            # "celery.concurrency.prefork:TaskPool" -> "prefork"
+            "pool": str(pool.get("implementation", "")).split(":", 1)[0].rsplit(".", 1)[-1] or None,
+            "concurrency": pool.get("max-concurrency"),
+            "active": len(active[node]) if node in active else None,
+            "reserved": len(reserved[node]) if node in reserved else None,
+            "processed": sum((node_stats.get("total") or {}).values()) if node in stats else None,
+            "uptime": node_stats.get("uptime"),
+            "pid": node_stats.get("pid"),
+            "queues": sorted(queue["name"] for queue in consuming.get(node) or []),
+        }
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as client:
+            return _status_from_redis(channel, client, queues, nodes)
+
+
+def _status_from_redis(channel, client, queues, nodes):
+    """status()'s Redis half: ready messages per priority sub-list, unacknowledged per queue."""
+    by_queue = {queue: {} for queue in queues}
+    for queue in queues:
+        for priority in channel.priority_steps:
+            by_queue[queue][str(priority)] = client.llen(channel._q_for_pri(queue, priority))
+    unacked = dict.fromkeys(queues, 0)
+    try:
+        for _tag, payload in client.hscan_iter(channel.unacked_key, count=1000):
+            try:
+                routing_key = json.loads(payload)[2]
+            except (ValueError, IndexError, TypeError):
+                continue
+            key = routing_key.decode() if isinstance(routing_key, bytes) else routing_key
+            unacked[key] = unacked.get(key, 0) + 1
+    except Exception as error:  # noqa: BLE001 - NOPERM: a broker still running an ACL from before status
+        if "permission" not in str(error).lower():
+            raise
+        unacked = None  # unknown: the broker's users file is applied at its next restart
+    queues_status = {
+        queue: {"ready": sum(by_queue.get(queue, {}).values()), "by_priority": by_queue.get(queue, {}),
+                "unacked": None if unacked is None else unacked.get(queue, 0),
+                "consumers": sorted(node for node, info in nodes.items() if queue in info["queues"])}
+        for queue in sorted(set(queues) | set(unacked or {}))
+    }
+    return {"nodes_status": nodes, "queues_status": queues_status}
 
 
 def run(app, action, method="active", destination=None, queue=None, timeout=2.0, check_mode=False):
@@ -278,12 +361,13 @@ def main():
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
                        "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                   "wait_consuming", "wait_drained"]},
+                                   "wait_consuming", "wait_drained", "status"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
             "queue": {"type": "str"},
             "queues": {"type": "list", "elements": "str", "default": []},
+            "status_queues": {"type": "list", "elements": "str", "default": []},
             "wait": {"type": "float", "default": 0},
             "poll": {"type": "float", "default": 0.25},
             "timeout": {"type": "float", "default": 2.0},
@@ -303,6 +387,8 @@ def main():
     if params["action"] == "wait_consuming":
         call = (wait_consuming, app, params["destination"], params["queues"], params["wait"], params["timeout"],
                 params["poll"])
+    elif params["action"] == "status":
+        call = (status, app, params["status_queues"], params["destination"], params["timeout"])
     elif params["action"] == "wait_drained":
         call = (wait_drained, app, params["destination"], params["wait"], params["timeout"], params["poll"])
     else:
@@ -316,6 +402,8 @@ def main():
         app.close()
     if params["action"] in ("wait_consuming", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
+    if params["action"] == "status":
+        module.exit_json(changed=False, nodes=sorted(outcome["nodes_status"]), replies={}, **outcome)
     changed, replies = outcome
     module.exit_json(changed=changed, nodes=sorted(replies), replies=replies)
 

@@ -137,7 +137,7 @@ def test_documentation_parses_and_matches_the_argument_spec():
     documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
     yaml.safe_load(celery_control.RETURN)
     assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                               "wait_consuming", "wait_drained"]
+                                               "wait_consuming", "wait_drained", "status"]
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
@@ -320,3 +320,43 @@ def test_wait_drained_gives_up_after_its_wait_and_says_what_is_left(worker):
         assert celery_control.wait_drained(worker, [NODE], wait=15)["drained"] is True
     finally:
         producer.close()
+
+
+def test_status_counts_every_priority_sub_list_and_the_unacked_per_queue(worker):
+    """Ready messages in every priority sub-list kombu uses (an LLEN of the bare name sees priority 0 only),
+    unacknowledged ones per queue, and each node's load, from one call."""
+    from celery import Celery
+
+    producer = Celery("unit-test-producer", broker=worker.conf.broker_url)
+    celery_control.run(worker, "cancel_consumer", destination=[NODE], queue="default", timeout=2)
+    try:
+        sent = {0: 3, 3: 2, 9: 4}
+        for priority, count in sent.items():
+            for _ in range(count):
+                producer.send_task("celery_fleet_app.tasks.benchmark_task", args=[1], queue="default",
+                                   priority=priority)
+        # One slot on "priority": one task runs, the other waits reserved (prefetched, so unacknowledged).
+        for token in ("first", "second"):
+            producer.send_task("celery_fleet_app.tasks.sleep_task", args=[5, token], queue="priority")
+        deadline = time.monotonic() + 10
+        while True:
+            outcome = celery_control.status(worker, ["default", "priority", "batch"])
+            reserved = outcome["nodes_status"].get(NODE, {}).get("reserved")
+            if (reserved == 1 and outcome["queues_status"]["priority"]["unacked"] == 1) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        queues, node = outcome["queues_status"], outcome["nodes_status"][NODE]
+        assert queues["default"]["by_priority"] == {"0": 3, "3": 2, "6": 0, "9": 4}, queues
+        assert queues["default"]["ready"] == 9 and queues["default"]["consumers"] == []
+        assert queues["priority"]["ready"] == 0 and queues["priority"]["consumers"] == [NODE]
+        assert queues["priority"]["unacked"] == 1 and queues["default"]["unacked"] == 0, queues
+        assert queues["batch"] == {"ready": 0, "by_priority": {"0": 0, "3": 0, "6": 0, "9": 0}, "unacked": 0,
+                                   "consumers": []}
+        assert (node["active"], node["reserved"], node["concurrency"], node["pool"]) == (1, 1, 1, "thread"), node
+        assert node["queues"] == ["priority"] and node["uptime"] >= 0 and node["processed"] >= 0
+    finally:
+        celery_control.run(worker, "add_consumer", destination=[NODE], queue="default", timeout=2)
+        producer.close()
+    assert celery_control.wait_drained(worker, [NODE], wait=20)["drained"] is True
+    after = celery_control.status(worker, ["default", "priority"])["queues_status"]
+    assert after["default"]["ready"] == 0 and after["priority"]["unacked"] == 0, after

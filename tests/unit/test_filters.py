@@ -342,3 +342,49 @@ def test_instances_cut_off_by_a_switch_of_tls_are_found_from_their_environment()
                {"item": ["gone", 103], "stdout": "", "rc": 2}, {"item": ["skipped", 104], "skipped": True}]
     assert cf.transport_switched(results, tls=True) == ["web"]
     assert cf.transport_switched(results, tls=False) == ["gpu-1"]
+
+
+# --- The fleet's status ----------------------------------------------------------------------------------------------
+def test_status_compares_the_inventory_with_what_the_fleet_says():
+    hosts = {
+        "web1": {"group": "web", "release": "1.0.0", "nodes": {"web-worker@web1": ["default", "priority"]},
+                 "units": {"web-worker@web1": {"active": True, "memory": "104857600", "memory_max": "infinity"}}},
+        "web2": {"group": "web", "release": "1.0.0", "nodes": {"web-worker@web2": ["default", "priority"]},
+                 "units": {"web-worker@web2": {"active": True, "memory": "1048576", "memory_max": "2147483648"}}},
+        "web3": {"group": "web", "release": "1.0.0", "nodes": {"web-worker@web3": ["default", "priority"]},
+                 "units": {"web-worker@web3": {"active": True, "memory": "[not set]", "memory_max": "infinity"}}},
+        "batch1": {"group": "batch", "release": None, "nodes": {"batch-worker@batch1": ["batch"]}, "units": {}},
+    }
+    observed = {
+        "nodes_status": {
+            "web-worker@web1": {"queues": ["default", "priority"], "active": 6, "concurrency": 8, "reserved": 2,
+                                "processed": 100, "pool": "prefork", "uptime": 30},
+            "web-worker@web2": {"queues": ["priority"], "active": 0, "concurrency": 8, "reserved": 0},
+            "stray@elsewhere": {"queues": ["default"], "active": 1, "concurrency": 2},
+        },
+        "queues_status": {"default": {"ready": 5, "by_priority": {"0": 2, "3": 0, "6": 0, "9": 3}, "unacked": 1,
+                                      "consumers": ["stray@elsewhere", "web-worker@web1"]}},
+    }
+    status = cf.fleet_status(hosts, observed)
+    nodes = {node["node"]: node for node in status["nodes"]}
+    assert {name: node["state"] for name, node in nodes.items()} == {
+        "web-worker@web1": "in service", "web-worker@web2": "drained", "web-worker@web3": "offline",
+        "batch-worker@batch1": "missing", "stray@elsewhere": "unknown"}
+    assert nodes["web-worker@web1"]["utilisation"] == 0.75 and nodes["web-worker@web1"]["memory"] == 104857600
+    assert nodes["web-worker@web1"]["memory_max"] is None and nodes["web-worker@web2"]["memory_max"] == 2147483648
+    assert nodes["web-worker@web3"]["utilisation"] is None and nodes["web-worker@web3"]["memory"] is None
+    assert status["queues"] == [{"queue": "default", **observed["queues_status"]["default"]}]
+    assert status["groups"] == [
+        {"group": "batch", "nodes": 1, "in_service": 0, "guard_minimum": 0, "can_roll": False},
+        {"group": "web", "nodes": 3, "in_service": 1, "guard_minimum": 2, "can_roll": False}]
+    assert cf.fleet_status(hosts, observed, min_online=0)["groups"][1]["can_roll"] is True
+
+
+def test_unit_memory_is_read_per_node_from_systemctl_show():
+    show = ("Id=celery-worker@gpu-1.service\nActiveState=active\nMemoryCurrent=5242880\nMemoryMax=infinity\n\n"
+            "Id=celery-worker@gpu-2.service\nActiveState=failed\nMemoryCurrent=[not set]\nMemoryMax=1073741824\n")
+    assert cf.systemd_units_memory(show, ["gpu-worker-1@gpu1", "gpu-worker-2@gpu1", "gpu-worker-3@gpu1"],
+                                   ["gpu-1", "gpu-2", "gpu-3"]) == {
+        "gpu-worker-1@gpu1": {"active": True, "memory": "5242880", "memory_max": "infinity"},
+        "gpu-worker-2@gpu1": {"active": False, "memory": "[not set]", "memory_max": "1073741824"},
+        "gpu-worker-3@gpu1": {}}
