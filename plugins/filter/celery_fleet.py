@@ -920,8 +920,9 @@ def broker_url_errors(url, variable="celery_worker_broker_url"):
         parts = urlsplit(str(url).strip())
         query = parse_qs(parts.query)
         parts.port  # noqa: B018 (raises for a port that is not a number)
-    except ValueError as error:
-        return [f"{variable} is not a valid URL ({error})"]
+    except ValueError:
+        # (Not the parser's message: for a password with '/' it quotes the password's start as the "port".)
+        return [f"{variable} is not a valid URL (host:port unreadable: percent-encode the user and password)"]
     if parts.scheme not in REDIS_SCHEMES:
         return [f"{variable} must use one of the schemes {list(REDIS_SCHEMES)}; got '{parts.scheme}://...'"]
     tls_options = sorted(key for key in query if key.startswith("ssl_"))
@@ -930,12 +931,15 @@ def broker_url_errors(url, variable="celery_worker_broker_url"):
             return [f"{variable} is a redis:// (plain TCP) URL with TLS options {tls_options}: use rediss://"]
         return []
     errors = []
-    if [value.lower() for value in query.get("ssl_cert_reqs", [])] not in (["required"], ["cert_required"]):
+    # Exactly as kombu, Celery's backend and redis-py all read it ("required"; kombu refuses "Required").
+    if query.get("ssl_cert_reqs") != ["required"]:
         errors.append(f"{variable} is a rediss:// URL: it needs ssl_cert_reqs=required (the broker's certificate "
                       f"checked; 'none' or 'optional' would accept any server); got "
                       f"{query.get('ssl_cert_reqs', ['nothing'])[0]!r}")
     if not query.get("ssl_ca_certs"):
         errors.append(f"{variable} is a rediss:// URL: it needs ssl_ca_certs=<the CA file on the worker host>")
+    if [value.lower() for value in query.get("ssl_check_hostname", ["true"])] != ["true"]:
+        errors.append(f"{variable} turns off the check of the broker's host name (ssl_check_hostname): drop it")
     return errors
 
 

@@ -186,10 +186,17 @@ def wait_drained(app, destination, wait, timeout=1.0, poll=0.25):
     plus the module's start each time."""
     started = time.monotonic()
     while True:
-        replies = run(app, "pending", destination=destination, timeout=timeout)[1]
-        drained = all((replies.get(node) or {}).get("total") == 0 for node in destination)
+        # A broker error on one ask is tried again until the wait ends (as the Ansible retries did); the last
+        # one is raised if no ask ever got through.
+        try:
+            replies, error = run(app, "pending", destination=destination, timeout=timeout)[1], None
+        except Exception as failure:  # noqa: BLE001 - reported if the wait ends on it
+            replies, error = {}, failure
+        drained = error is None and all((replies.get(node) or {}).get("total") == 0 for node in destination)
         seconds = round(time.monotonic() - started, 2)
         if drained or seconds + poll >= wait:
+            if error is not None:
+                raise error
             return {"drained": drained, "seconds": seconds, "replies": replies}
         time.sleep(poll)
 

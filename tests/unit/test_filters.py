@@ -321,11 +321,15 @@ def test_a_plain_url_has_no_tls_options():
     ("redis://u:p@broker1:6379/0?ssl_cert_reqs=required", "use rediss://"),
     ("amqp://u:p@broker1:5672//", "one of the schemes ['redis', 'rediss']"),
     ("redis://u:p@broker1:port/0", "not a valid URL"),
+    ("rediss://u:p@broker1:6379/0?ssl_cert_reqs=Required&ssl_ca_certs=%2Fca", "got 'Required'"),
+    ("rediss://u:p@broker1:6379/0?ssl_cert_reqs=required&ssl_ca_certs=%2Fca&ssl_check_hostname=false",
+     "ssl_check_hostname"),
+    ("redis://celery:s3cr/et@broker1:6379/0", "percent-encode"),
 ])
 def test_broker_urls_that_would_not_check_the_broker_are_refused(url, problem):
     errors = cf.broker_url_errors(url, "celery_worker_broker_url")
     assert errors and all(error.startswith("celery_worker_broker_url") for error in errors)
-    assert problem in " ".join(errors) and ":p@" not in " ".join(errors)
+    assert problem in " ".join(errors) and ":p@" not in " ".join(errors) and "s3cr" not in " ".join(errors)
 
 
 def test_certificate_names_are_addresses_or_host_names_once_each():

@@ -78,8 +78,9 @@ def test_the_broker_serves_tls_only_and_clients_check_its_certificate(fleet):
         worker = fleetlab.lab_host(host)
         assert worker.file("/etc/celery-fleet/broker-ca.crt").content_string == ca, host
         # From a worker host too, a plain PING gets no Redis reply (a plain Redis would say -NOAUTH).
-        reply = worker.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/broker1/{parts.port}; printf \"PING\\r\\n\" >&3; "
-                           f"timeout 2 head -c 64 <&3' | od -c | head -3").stdout
+        reply = worker.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/broker1/{parts.port} && echo connected; "
+                           f"printf \"PING\\r\\n\" >&3; timeout 2 head -c 64 <&3 | od -c | head -3'").stdout
+        assert reply.startswith("connected"), (host, reply)  # the port is open: TLS answers there, not Redis
         assert "N   O   A   U   T   H" not in reply and "P   O   N   G" not in reply, (host, reply)
     # Every node answers the control API, over TLS.
     assert fleet.consuming() == fleet.nodes
