@@ -119,7 +119,7 @@ seconds:
 nodes_status:
   description: >-
     For C(status): per answering node, C(pool), C(concurrency), C(active), C(reserved), C(processed) (tasks
-    received since its start), C(uptime) (s), C(pid) and C(queues) (consumed now).
+    started running since the node started: Celery's total), C(uptime) (s), C(pid) and C(queues) (consumed now).
   type: dict
   returned: when action is status
 queues_status:
