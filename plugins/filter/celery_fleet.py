@@ -636,15 +636,22 @@ def capacity_guard(node, group, host_nodes, batch_hosts, min_online, active_queu
             "refusal": refusal}
 
 
+def _systemctl_units(systemctl_show):
+    """The blocks of `systemctl show -p Id -p ... <units>`, one {property: value} per unit that has an Id."""
+    for block in (systemctl_show or "").split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if fields.get("Id"):
+            yield fields
+
+
 def _active_units(systemctl_show):
     """{unit id: start time (seconds since the epoch)} of the active units in
     `systemctl show --timestamp=us+utc -p Id -p ActiveState -p ActiveEnterTimestamp <units>`."""
     from datetime import datetime, timezone
 
     started = {}
-    for block in (systemctl_show or "").split("\n\n"):
-        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if fields.get("ActiveState") != "active" or not fields.get("Id"):
+    for fields in _systemctl_units(systemctl_show):
+        if fields.get("ActiveState") != "active":
             continue
         stamp = fields.get("ActiveEnterTimestamp", "").split(" ", 1)[-1].replace(" UTC", "")
         try:
@@ -666,10 +673,10 @@ def unit_main_pids(systemctl_show):
     """{instance name: main PID} of the active celery-worker@ units in the same `systemctl show` output
     (with -p MainPID)."""
     pids = {}
-    for block in (systemctl_show or "").split("\n\n"):
-        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        unit = fields.get("Id", "")
-        if fields.get("ActiveState") == "active" and unit.startswith("celery-worker@") and fields.get("MainPID", "0") != "0":
+    for fields in _systemctl_units(systemctl_show):
+        unit = fields["Id"]
+        active = fields.get("ActiveState") == "active" and fields.get("MainPID", "0") != "0"
+        if active and unit.startswith("celery-worker@"):
             pids[unit[len("celery-worker@"):].removesuffix(".service")] = int(fields["MainPID"])
     return pids
 
@@ -873,10 +880,13 @@ REDIS_SCHEMES = ("redis", "rediss")
 BROKER_TLS_DIR = "/etc/redis/tls"
 
 
-def broker_tls_files(tls_dir=BROKER_TLS_DIR):
+def broker_tls_files(tls_dir=None):
     """{dir, ca_cert, cert, key}: the broker's TLS files on the broker host. One place for both roles: the broker
-    role installs them, the worker role reads the CA the broker trusts from here."""
-    return {"dir": tls_dir, "ca_cert": f"{tls_dir}/ca.crt", "cert": f"{tls_dir}/redis.crt", "key": f"{tls_dir}/redis.key"}
+    role installs them, the worker role reads the CA the broker trusts from here
+    (`none | celery_fleet_broker_tls_files`: under BROKER_TLS_DIR)."""
+    tls_dir = tls_dir or BROKER_TLS_DIR
+    return {"dir": tls_dir, "ca_cert": f"{tls_dir}/ca.crt", "cert": f"{tls_dir}/redis.crt",
+            "key": f"{tls_dir}/redis.key"}
 
 
 def tls_names(names):
@@ -1006,12 +1016,8 @@ def systemd_units_memory(systemctl_show, node_names=None, instance_names=None):
     """{unit id: {"active", "memory", "memory_max"}} from `systemctl show -p Id -p ActiveState -p MemoryCurrent
     -p MemoryMax <units>` (MemoryCurrent: the unit's cgroup, the node and its pool's children). With the host's
     node names and their instances' names (same order): {node: that unit's, or {} when systemd has none}."""
-    units = {}
-    for block in (systemctl_show or "").split("\n\n"):
-        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if fields.get("Id"):
-            units[fields["Id"]] = {"active": fields.get("ActiveState") == "active",
-                                   "memory": fields.get("MemoryCurrent"), "memory_max": fields.get("MemoryMax")}
+    units = {fields["Id"]: {"active": fields.get("ActiveState") == "active", "memory": fields.get("MemoryCurrent"),
+                            "memory_max": fields.get("MemoryMax")} for fields in _systemctl_units(systemctl_show)}
     if node_names is None:
         return units
     return {node: units.get(f"celery-worker@{name}.service", {}) for node, name in zip(node_names, instance_names)}

@@ -212,8 +212,8 @@ def status(app, queues, destination=None, timeout=1.0):
         return getattr(inspector, method)() or {}
 
     # Four broadcasts at once: without a destination each waits its whole timeout for nodes it does not know of.
-    with ThreadPoolExecutor(4) as pool:
-        stats, active, reserved, consuming = pool.map(ask, ("stats", "active", "reserved", "active_queues"))
+    with ThreadPoolExecutor(4) as executor:
+        stats, active, reserved, consuming = executor.map(ask, ("stats", "active", "reserved", "active_queues"))
     nodes = {}
     for node in sorted(set(stats) | set(consuming)):
         node_stats = stats.get(node) or {}
