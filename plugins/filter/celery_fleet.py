@@ -800,6 +800,13 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
     REDIS_CLIENT_COMMANDS on every key and channel (queue names are the operator's), the admin with
     everything. Passwords only as their SHA-256.
 
+    The default user is off and has no password, so nobody can log in as it, yet it holds the clients'
+    commands: Redis 7.0 (Debian 12's) replays the AOF as the default user and re-checks a MULTI/EXEC's
+    commands against that user's ACL, dropping with -NOPERM every transaction it may not run (redis/redis
+    issue #14541, fixed by PR #14545 after 7.0; valkey issue #3983). kombu writes a delivered message into
+    the unacked hash and acknowledges it in transactions, so a default user with -@all made every restart of
+    Redis forget unacknowledged messages: they were lost on the lab (7 of 67 under a restart then a kill -9).
+
     legacy_default_user: for the one run that moves a broker from a single password to these users, the
     default user stays on with the clients' password and commands, so the workers still running with the old
     URL (no user name: Redis's default user) keep working until the roll has moved them."""
@@ -809,7 +816,7 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
 
     commands = " ".join(f"+{command}" for command in sorted(REDIS_CLIENT_COMMANDS))
     default = (f"user default on resetpass {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}"
-               if legacy_default_user else "user default off resetpass resetkeys resetchannels -@all")
+               if legacy_default_user else f"user default off resetpass resetkeys ~* resetchannels &* -@all {commands}")
     return [
         default,
         f"user {client_user} on {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}",

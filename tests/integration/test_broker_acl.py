@@ -138,3 +138,48 @@ def test_the_default_user_cannot_log_in(broker):
         redis.Redis(port=int(port)).ping()
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
         redis.Redis(port=int(port), password=PASSWORD).ping()
+    # The default user holds the clients' commands (for the AOF's replay): a connection that did not log in
+    # still may run none of them.
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=int(port)).lpush("default", "x")
+    with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
+        redis.Redis(port=int(port), username="default", password="").ping()
+
+
+def test_transactions_come_back_from_the_aof_after_a_kill(tmp_path):
+    """Redis 7.0 replays the AOF as the default user and drops a MULTI/EXEC that user may not run
+    (redis/redis#14541): with a default user of -@all, the unacked entries kombu writes in transactions were
+    gone after any restart. Written as the clients' user, then SIGKILL and a start from the AOF: all back."""
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text("\n".join(cf.redis_acl("celery", PASSWORD, "celery-admin", ADMIN_PASSWORD)) + "\n")
+    port = localredis.free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path),
+               "--appendonly", "yes", "--appendfsync", "always", "--aclfile", str(aclfile)]
+
+    def start():
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        admin = redis.Redis(port=port, username="celery-admin", password=ADMIN_PASSWORD)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                admin.ping()
+                return process, admin
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+
+    process, _ = start()
+    client = redis.Redis.from_url(client_url(port))
+    # As kombu's QoS.append writes a delivered message (a transaction), and as a producer publishes (no transaction).
+    client.pipeline().zadd("unacked_index", {"tag-1": 1.0}).hset("unacked", "tag-1", "message").execute()
+    client.lpush("default", "message-2")
+    process.kill()
+    process.wait(10)
+    process, admin = start()
+    try:
+        assert admin.hget("unacked", "tag-1") == b"message" and admin.zscore("unacked_index", "tag-1") == 1.0
+        assert admin.lrange("default", 0, -1) == [b"message-2"]
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=10)[0]
+    assert "NOPERM" not in log and "AOF-loading-client" not in log, log[-2000:]

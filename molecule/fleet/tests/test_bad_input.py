@@ -3,8 +3,10 @@ allowed. Every per-setting case is a fast unit test (tests/unit/test_settings.py
 one case of each kind of check: a per-setting error (the settings filter), a type the argument spec
 refuses, each fleet-wide check (node names, GPUs), the profile a host takes, the release id (a path, a
 space), GPU ids, the extra environment, the broker's memory caps and passwords (the lab's public ones outside
-the lab), and changed sources under a deployed release id."""
+the lab), and changed sources under a deployed release id. The runs go four at a time, between two snapshots of
+the fleet: no run may change anything."""
 
+import concurrent.futures
 import json
 import shutil
 
@@ -86,53 +88,68 @@ def fleet_state():
     return state
 
 
-def assert_refused_before_any_change(expected_phrases, *args):
+def changed_sources(directory):
+    """A copy of the example app with a change shipped under the release id the hosts already run."""
+    source = shutil.copytree(PROJECT / "app", directory / "app",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    tasks = source / "src" / "celery_fleet_app" / "tasks.py"
+    tasks.write_text(tasks.read_text() + "\n# a change shipped without a new release id\n")
+    return source
+
+
+def run_arguments(directory):
+    """{case: site.yml's arguments} for every case: CASES, and three that need files."""
+    arguments = {case: ("--extra-vars", json.dumps(extra_vars)) for case, (extra_vars, _) in CASES.items()}
+    # web1 also in gpu: which settings it takes would depend on group names' order, so it is refused.
+    web1_in_gpu = directory / "web1-in-gpu.yml"
+    web1_in_gpu.write_text(json.dumps({"all": {"children": {"gpu": {"hosts": {"web1": {}}}}}}))
+    arguments["host-in-two-profiled-groups"] = ("--inventory", str(web1_in_gpu))
+    # batch1 runs beat (inventories/lab); web1 as well would send every periodic task twice.
+    two_beats = directory / "two-beats.yml"
+    two_beats.write_text(json.dumps({"all": {"hosts": {"web1": {"celery_worker_beat": True}}}}))
+    arguments["second-beat-host"] = ("--inventory", str(two_beats))
+    # Release ids are immutable: new code under the id the hosts already run is an error, not a no-op.
+    arguments["changed-sources-under-a-deployed-release-id"] = (
+        "--extra-vars", json.dumps({"celery_worker_app_source": str(changed_sources(directory))}))
+    return arguments
+
+
+EXPECTED = {case: phrases for case, (_, phrases) in CASES.items()} | {
+    "host-in-two-profiled-groups": [
+        "The host is in 2 groups that have a worker profile (gpu and web)",
+        "Set celery_worker_profile (host_vars) to one of them"],
+    "second-beat-host": [
+        "celery_worker_beat must be true on one worker host at most", "it is set on web1, batch1"],
+    "changed-sources-under-a-deployed-release-id": [
+        "celery_worker_release 1.0.0 is already installed on web1, built from other sources",
+        "Release ids are immutable: give the changed application or lock a new celery_worker_release"],
+}
+
+
+@pytest.fixture(scope="module")
+def refused_runs(tmp_path_factory):
+    """Every case's site.yml, four at a time (each is refused in the validation play; together they take the
+    time of a few), between two snapshots of the fleet: {case: (rc, output)}, state before, state after."""
+    arguments = run_arguments(tmp_path_factory.mktemp("bad-input"))
     before = fleet_state()
-    rc, output = fleetload.run_playbook("site.yml", *args, inventory=INVENTORY, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {case: pool.submit(fleetload.run_playbook, "site.yml", *args, inventory=INVENTORY, timeout=600)
+                   for case, args in arguments.items()}
+        runs = {case: future.result() for case, future in futures.items()}
+    return runs, before, fleet_state()
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_is_rejected_before_any_change(refused_runs, case):
+    runs, before, after = refused_runs
+    rc, output = runs[case]
     assert rc != 0, output
     message = " ".join(output.split())
-    for phrase in expected_phrases:
+    for phrase in EXPECTED[case]:
         assert phrase in message, f"{phrase!r} missing from:\n{output[-3000:]}"
     # It stopped in the validation play: the deploy plays never started and no host changed.
     assert "PLAY [Deploy the Redis broker]" not in output
     assert "PLAY [Deploy the Celery workers]" not in output
     recap = fleetload.recap(output)
     assert recap and all(counts["changed"] == 0 for counts in recap.values()), recap
-    assert fleet_state() == before
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_rejected_before_any_change(case):
-    extra_vars, expected_phrases = CASES[case]
-    assert_refused_before_any_change(expected_phrases, "--extra-vars", json.dumps(extra_vars))
-
-
-def test_a_host_in_two_profiled_groups_is_refused(tmp_path):
-    """web1 also in gpu: which settings it takes would depend on group names' order, so it is refused."""
-    extra = tmp_path / "web1-in-gpu.yml"
-    extra.write_text(json.dumps({"all": {"children": {"gpu": {"hosts": {"web1": {}}}}}}))
-    assert_refused_before_any_change(
-        ["The host is in 2 groups that have a worker profile (gpu and web)",
-         "Set celery_worker_profile (host_vars) to one of them"],
-        "--inventory", str(extra))
-
-
-def test_a_second_beat_host_is_refused(tmp_path):
-    """batch1 runs beat (inventories/lab); web1 as well would send every periodic task twice."""
-    extra = tmp_path / "two-beats.yml"
-    extra.write_text(json.dumps({"all": {"hosts": {"web1": {"celery_worker_beat": True}}}}))
-    assert_refused_before_any_change(
-        ["celery_worker_beat must be true on one worker host at most", "it is set on web1, batch1"],
-        "--inventory", str(extra))
-
-
-def test_changed_sources_under_a_deployed_release_id_are_refused(tmp_path):
-    """Release ids are immutable: new code under the id the hosts already run is an error, not a no-op."""
-    source = shutil.copytree(PROJECT / "app", tmp_path / "app",
-                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    tasks = source / "src" / "celery_fleet_app" / "tasks.py"
-    tasks.write_text(tasks.read_text() + "\n# a change shipped without a new release id\n")
-    assert_refused_before_any_change(
-        ["celery_worker_release 1.0.0 is already installed on web1, built from other sources",
-         "Release ids are immutable: give the changed application or lock a new celery_worker_release"],
-        "--extra-vars", json.dumps({"celery_worker_app_source": str(source)}))
+    assert after == before

@@ -5,7 +5,7 @@ which runs first on the same lab) and prints its counts. The lab runs with a vis
 (molecule/rolling/inventory/hosts.yml), so that a lost host's tasks come back within a case.
 
 Order: runs killed half-way (they need a fleet that rolls), the broker stopped before a roll, then
-restarted, killed and frozen under load, a worker host killed, one cut from the network, and results
+restarted and killed (one load), frozen under load, a worker host killed, one cut from the network, and results
 filling their memory cap.
 """
 
@@ -50,17 +50,18 @@ def consuming_again(fleet, since, timeout=180):
     return round(time.time() - since, 1)
 
 
-def assert_duplicates_spanned(report, fault_start, fault_end):
+def assert_duplicates_spanned(report, *faults):
     """A task that ran twice must have been running (or just ending: its acknowledgement in flight) when
-    the fault hit: a duplicate of a task that ended well before it, or began after it, is a bug."""
+    one of the `faults` (start, end) hit: a duplicate of a task that ended well before it, or began after it,
+    is a bug."""
     first_runs = {}
     for record in sorted(report["records"], key=lambda record: record["started"]):
         first_runs.setdefault(record["token"], record)
     for token in report["duplicated_tokens"]:
         first = first_runs[token]
-        assert first["started"] <= fault_end and first["finished"] >= fault_start - 2, (
+        assert any(first["started"] <= end and first["finished"] >= start - 2 for start, end in faults), (
             f"{token} ran twice but its first run ({first['started']:.1f}-{first['finished']:.1f}) did not span "
-            f"the fault ({fault_start:.1f}-{fault_end:.1f})")
+            f"a fault ({faults})")
 
 
 def assert_gave_queues_back(output, node):
@@ -151,51 +152,53 @@ def test_a_roll_with_the_broker_stopped_refuses_in_seconds_and_drains_nothing(fl
     print(f"every node consuming again {consuming_again(fleet, time.time(), 60)} s after Redis started")
 
 
-@pytest.mark.parametrize("fault", ["systemctl restart redis-server", "kill -9"])
-def test_the_broker_restarted_or_killed_under_load_loses_nothing(fleet, fault):
-    """A restart (SIGTERM, Redis writes its AOF and stops) or a SIGKILL (systemd starts it again): the
-    queues and the unacknowledged set come back from the AOF, the workers reconnect. Tasks whose
-    acknowledgement was lost with the connection run again: counted, and each must have been running
-    when the broker went."""
+def test_the_broker_restarted_then_killed_under_load_loses_nothing(fleet):
+    """A restart (SIGTERM, Redis writes its AOF and stops), then, once every node consumes again, a SIGKILL
+    (systemd starts it again), under one load: the queues and the unacknowledged set come back from the AOF,
+    the workers reconnect. Tasks whose acknowledgement was lost with the connection run again: counted, and
+    each must have been running when the broker went."""
     broker = lab_host("broker1")
-    before = broker_pid()
-    moments = {}
+    pids = [broker_pid()]
+    moments = []
 
-    def fault_then_wait(load):
-        moments["fault"] = time.time()
-        if fault == "kill -9":
-            broker.check_output(f"kill -9 {before}")
-        else:
-            broker.check_output(fault)
-        fleet.consuming(timeout=120)
-        moments["consuming"] = time.time()
+    def faults_then_wait(load):
+        for fault in ("systemctl restart redis-server", "kill -9"):
+            fault_at = time.time()
+            broker.check_output(f"kill -9 {pids[-1]}" if fault == "kill -9" else fault)
+            fleet.consuming(timeout=120)
+            moments.append((fault, fault_at, time.time()))
+            pids.append(broker_pid())
         return 0, ""
 
-    _, _, report = fleet.under_load(fault_then_wait, f"broker: {fault}", warmup=15, broker_faults=True,
-                                    durations=FAULT_DURATIONS, rates=FAULT_RATES)
-    after = broker_pid()
-    assert after != before, "Redis did not restart"
-    print(f"broker {fault}: every node consuming again after {moments['consuming'] - moments['fault']:.1f} s")
+    _, _, report = fleet.under_load(faults_then_wait, "broker: systemctl restart redis-server, then kill -9",
+                                    warmup=15, broker_faults=True, durations=FAULT_DURATIONS, rates=FAULT_RATES)
+    assert len(set(pids)) == 3, f"Redis did not restart each time: main PIDs {pids}"
+    # Each start replayed the AOF whole: Redis 7.0 drops a transaction the default user may not run, with this
+    # line, and kombu's unacked entries are transactions (celery_fleet_redis_acl).
+    journal = broker.check_output(f"journalctl -u redis-server --no-pager -o cat --since @{int(moments[0][1])}")
+    assert "AOF-loading-client" not in journal and "NOPERM" not in journal, journal[-3000:]
+    for fault, fault_at, consuming_at in moments:
+        print(f"broker {fault}: every node consuming again after {consuming_at - fault_at:.1f} s")
+        assert consuming_at - fault_at < 60, (fault, consuming_at - fault_at)
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"])
-    assert_duplicates_spanned(report, moments["fault"], moments["consuming"])
-    assert moments["consuming"] - moments["fault"] < 60
+    assert_duplicates_spanned(report, *[(fault_at, consuming_at) for _, fault_at, consuming_at in moments])
 
 
 def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes(fleet):
-    """kill -STOP of Redis for 60 s while web1 drains: every control call is bounded
-    (celery_worker_rolling_call_timeout, 5 s here), so the drain fails at most one call after its deadline
-    (20 s here), naming the step, and the rescue's put-back gives up after the start timeout (10 s here)
-    plus one call, leaving web1 drained. After kill -CONT a re-run gives web1 its queues back, rolls, and
+    """kill -STOP of Redis for 45 s while web1 drains: every control call is bounded
+    (celery_worker_rolling_call_timeout, 3 s here), so the drain fails at most one call after its deadline
+    (10 s here), naming the step, and the rescue's put-back gives up after the start timeout (6 s here)
+    plus one call, leaving web1 drained (the run ended 28-31 s after the freeze on the lab). After kill -CONT a re-run gives web1 its queues back, rolls, and
     every node consumes."""
     broker = lab_host("broker1")
     pid = broker_pid()
-    drain_timeout, call_timeout, start_timeout = 20, 5, 10
-    roll_vars = json.dumps({"celery_worker_group_settings": {"time_limit": drain_timeout, "soft_time_limit": 15,
+    drain_timeout, call_timeout, start_timeout, frozen = 10, 3, 6, 45
+    roll_vars = json.dumps({"celery_worker_group_settings": {"time_limit": drain_timeout, "soft_time_limit": 8,
                                                              "prefetch_multiplier": 1},
                             "celery_worker_rolling_drain_margin": 0, "celery_worker_rolling_order": ["web"],
                             "celery_worker_rolling_start_timeout": start_timeout,
                             "celery_worker_rolling_call_timeout": call_timeout})
-    thaw = threading.Timer(60, lambda: broker.run(f"kill -CONT {pid}"))
+    thaw = threading.Timer(frozen, lambda: broker.run(f"kill -CONT {pid}"))
     rescue = "TASK [celery_worker : Read the failed step from the failed task's name"
 
     def freeze():
@@ -212,8 +215,8 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
             broker.run(f"kill -CONT {pid}")  # whatever happened above, Redis runs again
         drain_failed = times[rescue] - times["acted"] if times[rescue] else None
         ended = times["ended"] - times["acted"]
-        print(f"broker frozen mid-drain for 60 s: the drain failed {drain_failed} s and the run ended {ended:.1f} s "
-              f"after the freeze (drain deadline {drain_timeout} s, call timeout {call_timeout} s, start timeout "
+        print(f"broker frozen mid-drain for {frozen} s: the drain failed {drain_failed} s and the run ended "
+              f"{ended:.1f} s after the freeze (drain deadline {drain_timeout} s, call timeout {call_timeout} s, start timeout "
               f"{start_timeout} s)")
         assert rc != 0, output[-4000:]
         message = " ".join(output.split())
