@@ -779,6 +779,10 @@ REDIS_CLIENT_COMMANDS = {
     "zcount": "chord results", "sismember": "chord part dedup",
     # The fleet's own status (celery_control action=status): read only.
     "hscan": "unacknowledged messages per queue (status)",
+    # Never sent by the clients, but written by Redis into the AOF for them and replayed as the default user,
+    # which holds this list (redis_acl): EXPIRE and PEXPIRE go to the AOF as PEXPIREAT (Celery's chord script,
+    # kombu's reply queues with x-expires), and an expired key as DEL, or UNLINK with lazyfree-lazy-expire.
+    "pexpireat": "the AOF's form of expire and pexpire", "unlink": "the AOF's form of an expired key (lazy free)",
 }
 # Never for the clients, whatever a later list adds: commands that administer, copy or flush Redis. (What the
 # list cannot prevent: one user for every client, on every key and channel, can still delete or read any queue
@@ -801,11 +805,12 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
     everything. Passwords only as their SHA-256.
 
     The default user is off and has no password, so nobody can log in as it, yet it holds the clients'
-    commands: Redis 7.0 (Debian 12's) replays the AOF as the default user and re-checks a MULTI/EXEC's
-    commands against that user's ACL, dropping with -NOPERM every transaction it may not run (redis/redis
-    issue #14541, fixed by PR #14545 after 7.0; valkey issue #3983). kombu writes a delivered message into
-    the unacked hash and acknowledges it in transactions, so a default user with -@all made every restart of
-    Redis forget unacknowledged messages: they were lost on the lab (7 of 67 under a restart then a kill -9).
+    commands (and the forms Redis writes them in to the AOF): Redis 7.0 (Debian 12's) replays the AOF as the
+    default user and re-checks each command of a MULTI/EXEC against that user's ACL, skipping with -NOPERM
+    every one it may not run (redis/redis issue #14541, fixed by PR #14545 after 7.0; valkey issue #3983;
+    multi.c's execCommand). kombu writes a delivered message into the unacked hash and acknowledges it in
+    transactions, so a default user with -@all made every restart of Redis forget unacknowledged messages:
+    they were lost on the lab (7 of 67 under a restart then a kill -9).
 
     legacy_default_user: for the one run that moves a broker from a single password to these users, the
     default user stays on with the clients' password and commands, so the workers still running with the old

@@ -9,6 +9,7 @@ and a kombu or Celery upgrade that needs a new command fails here first.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,17 +140,19 @@ def test_the_default_user_cannot_log_in(broker):
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
         redis.Redis(port=int(port), password=PASSWORD).ping()
     # The default user holds the clients' commands (for the AOF's replay): a connection that did not log in
-    # still may run none of them.
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(port=int(port)).lpush("default", "x")
+    # still may run none of them. (A raw socket: redis-py's handshake would fail before the command is sent.)
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as sock:
+        sock.sendall(b"*3\r\n$5\r\nLPUSH\r\n$7\r\ndefault\r\n$1\r\nx\r\n")
+        assert sock.recv(256).startswith(b"-NOAUTH")
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
         redis.Redis(port=int(port), username="default", password="").ping()
 
 
 def test_transactions_come_back_from_the_aof_after_a_kill(tmp_path):
-    """Redis 7.0 replays the AOF as the default user and drops a MULTI/EXEC that user may not run
-    (redis/redis#14541): with a default user of -@all, the unacked entries kombu writes in transactions were
-    gone after any restart. Written as the clients' user, then SIGKILL and a start from the AOF: all back."""
+    """Redis 7.0 replays the AOF as the default user and skips each command of a MULTI/EXEC that user may not
+    run (redis/redis#14541): with a default user of -@all, the unacked entries kombu writes in transactions were
+    gone after any restart, and without PEXPIREAT (the AOF's form of PEXPIRE) keys came back without their
+    expiry. Written as the clients' user, then SIGKILL and a start from the AOF: all back."""
     aclfile = tmp_path / "users.acl"
     aclfile.write_text("\n".join(cf.redis_acl("celery", PASSWORD, "celery-admin", ADMIN_PASSWORD)) + "\n")
     port = localredis.free_port()
@@ -170,15 +173,18 @@ def test_transactions_come_back_from_the_aof_after_a_kill(tmp_path):
 
     process, _ = start()
     client = redis.Redis.from_url(client_url(port))
-    # As kombu's QoS.append writes a delivered message (a transaction), and as a producer publishes (no transaction).
+    # As kombu's QoS.append writes a delivered message (a transaction), as a producer publishes (no transaction),
+    # and as kombu's _put fills a reply queue with x-expires: PEXPIRE reaches the AOF as PEXPIREAT.
     client.pipeline().zadd("unacked_index", {"tag-1": 1.0}).hset("unacked", "tag-1", "message").execute()
     client.lpush("default", "message-2")
+    client.pipeline().lpush("reply.celery.pidbox", "reply").pexpire("reply.celery.pidbox", 300_000).execute()
     process.kill()
     process.wait(10)
     process, admin = start()
     try:
         assert admin.hget("unacked", "tag-1") == b"message" and admin.zscore("unacked_index", "tag-1") == 1.0
         assert admin.lrange("default", 0, -1) == [b"message-2"]
+        assert admin.lrange("reply.celery.pidbox", 0, -1) == [b"reply"] and 0 < admin.pttl("reply.celery.pidbox") <= 300_000
     finally:
         process.terminate()
         log = process.communicate(timeout=10)[0]
