@@ -125,10 +125,13 @@ def wait_for(client_host: str, nodes: list[str], timeout: float = 60.0) -> float
 
 
 def stop_hand_workers(hosts: list[str]) -> None:
+    """SIGTERM (a warm shutdown) to the hand-started workers, SIGKILL after 20 s."""
+    # "[b]ench@" matches the workers' command lines and not this shell's own.
+    pattern = f"--hostname [{BENCH_NODE[0]}]{BENCH_NODE[1:]}@"
     for host in hosts:
-        lab(host, f"pkill -TERM -f -- '--hostname {BENCH_NODE}@' ; "
-                  f"for i in $(seq 100); do pgrep -f -- '--hostname {BENCH_NODE}@' >/dev/null || exit 0; sleep 0.2; done; "
-                  f"pkill -KILL -f -- '--hostname {BENCH_NODE}@'", check=False)
+        lab(host, f"pkill -TERM -f -- '{pattern}' ; "
+                  f"for i in $(seq 100); do pgrep -f -- '{pattern}' >/dev/null || exit 0; sleep 0.2; done; "
+                  f"pkill -KILL -f -- '{pattern}'", check=False)
 
 
 def plot(path: Path, record: dict) -> None:

@@ -177,6 +177,7 @@ def test_the_broker_restarted_then_killed_under_load_loses_nothing(fleet):
     # Each start replayed the AOF whole: Redis 7.0 drops a transaction the default user may not run, with this
     # line, and kombu's unacked entries are transactions (celery_fleet_redis_acl).
     journal = broker.check_output(f"journalctl -u redis-server --no-pager -o cat --since @{int(moments[0][1])}")
+    assert journal.count("Ready to accept connections") >= 2, journal[-3000:]  # both starts are in the window
     assert "AOF-loading-client" not in journal and "NOPERM" not in journal, journal[-3000:]
     for fault, fault_at, consuming_at in moments:
         print(f"broker {fault}: every node consuming again after {consuming_at - fault_at:.1f} s")
@@ -224,7 +225,7 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
         assert "Rolling restart failed on web1, instance web (web-worker@web1), at step 'drain'" in message, (
             output[-4000:])
         assert "Putting it back failed too" in message, output[-4000:]
-        assert drain_failed is not None and drain_failed < drain_timeout + 30, drain_failed
+        assert drain_failed is not None and drain_failed < drain_timeout + call_timeout + 10, drain_failed
         # The rescue: the put-back's own deadline plus one call, and a few seconds of Ansible.
         assert ended - drain_failed < start_timeout + call_timeout + 15, ended
         rc, output = fleet.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",

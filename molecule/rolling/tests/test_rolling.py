@@ -130,8 +130,8 @@ def test_upgrade_under_load_switches_every_node_and_loses_nothing(fleet):
     before = fleet.units()
     since = time.time()
     with fleetlab.ProcessSampler() as sampler:
-        rc, output, report = fleet.roll_under_load("upgrade.yml", "--extra-vars",
-                                                   f"celery_worker_release={NEW_RELEASE}")
+        rc, output, report = fleet.roll_under_load("upgrade.yml", "--become", "--become-method", "su",
+                                                   "--extra-vars", f"celery_worker_release={NEW_RELEASE}")
     assert rc == 0, output[-4000:]
     leaks = fleetlab.assert_no_secret_leaked(fleet.secret_markers, output, sampler, hosts=())
     print(f"\nleak check (command lines, and the output): {json.dumps(leaks)}")
@@ -197,7 +197,8 @@ def test_a_deploy_of_a_release_that_fails_on_a_host_stops_there_and_takes_back_i
     upgrades, the second fails, and both must end on the old release (a host never runs two). No other host's
     release or process changed; nothing lost. (upgrade.yml rolls through the same plays, after its staging play:
     its success under load is the case above.)"""
-    with fleetlab.ProcessSampler() as sampler:
+    # gpu1 too: its roll and rescue run there.
+    with fleetlab.ProcessSampler(hosts=("broker1", "web1", "gpu1")) as sampler:
         message, output, report, before, since, releases = failed_upgrade_under_load(
             fleet, "gpu1", GPU1_BROKEN_RELEASE, broken_copy(tmp_path, GPU1_CONDITION), playbook="site.yml",
             arguments=LOUD, celery_worker_rolling_order=["gpu", "web", "batch"])
@@ -208,7 +209,7 @@ def test_a_deploy_of_a_release_that_fails_on_a_host_stops_there_and_takes_back_i
     assert all(f"changed: [{host}]" in install for host in fleet.host_groups), install[-2000:]
     assert ("Rolling upgrade failed on gpu1, instance gpu-2 (gpu-worker-2@gpu1), at step 'health check'" in message
             and "and so were the instances of the host already upgraded: gpu-1" in message), output[-4000:]
-    assert "PLAY [Report the fleet" not in output
+    assert "PLAY [Report which worker nodes are online" not in output
     after = fleet.units()
     assert all(after["gpu1"][unit] != pid for unit, pid in before["gpu1"].items()), (before["gpu1"], after["gpu1"])
     # gpu-worker-1 ran tasks on the new release for a while; now both GPU nodes run the old one.
