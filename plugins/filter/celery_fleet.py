@@ -757,7 +757,7 @@ REDIS_CLIENT_COMMANDS = {
     # Queues (kombu Channel): publish, consume, size, purge, delete, bind.
     "lpush": "publish (Channel._put)", "rpush": "restore an unacknowledged message",
     "brpop": "consume (Channel._brpop_start)", "rpop": "basic_get (Channel._get)",
-    "llen": "queue size, purge", "del": "purge, delete a queue, results, the mutex", "exists": "queue_declare passive",
+    "llen": "queue size, purge", "lindex": "celery-fleet status and the monitor: the next message out of a queue", "del": "purge, delete a queue, results, the mutex", "exists": "queue_declare passive",
     "pexpire": "queues with x-expires; redis-py Lock", "sadd": "queue bindings (_kombu.binding.*)",
     "srem": "unbind", "smembers": "exchange table lookups",
     # Unacknowledged messages (kombu QoS): the unacked hash, its index, and the restore mutex (redis-py Lock).

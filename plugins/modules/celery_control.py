@@ -146,7 +146,10 @@ import select
 import signal
 import time
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+try:
+    from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+except ImportError:  # pragma: no cover - imported without Ansible: the fleet's exporter on the monitor host
+    AnsibleModule = missing_required_lib = None
 
 try:
     from celery import Celery
@@ -211,14 +214,26 @@ def status(app, queues, destination=None, timeout=1.0):
         inspector = app.control.inspect(destination=list(destination or []) or None, timeout=timeout)
         return getattr(inspector, method)() or {}
 
-    # Four broadcasts at once: without a destination each waits its whole timeout for nodes it does not know of.
-    with ThreadPoolExecutor(4) as executor:
+    def ask_info():
+        # The fleet runtime's own command (release, unit memory); a node without it answers with an error.
+        inspector = app.control.inspect(destination=list(destination or []) or None, timeout=timeout)
+        replies = inspector._request("fleet_info") or {}
+        return {node: reply for node, reply in replies.items() if isinstance(reply, dict) and "error" not in reply}
+
+    # Five broadcasts at once: without a destination each waits its whole timeout for nodes it does not know of.
+    with ThreadPoolExecutor(5) as executor:
+        info_future = executor.submit(ask_info)
         stats, active, reserved, consuming = executor.map(ask, ("stats", "active", "reserved", "active_queues"))
+        info = info_future.result()
     nodes = {}
     for node in sorted(set(stats) | set(consuming)):
         node_stats = stats.get(node) or {}
         pool = node_stats.get("pool") or {}
+        node_info = info.get(node) or {}
         nodes[node] = {
+            "release": node_info.get("release"),
+            "memory": node_info.get("memory"),
+            "memory_max": node_info.get("memory_max"),
             # "celery.concurrency.prefork:TaskPool" -> "prefork"
             "pool": str(pool.get("implementation", "")).split(":", 1)[0].rsplit(".", 1)[-1] or None,
             "concurrency": pool.get("max-concurrency"),
@@ -238,9 +253,14 @@ def status(app, queues, destination=None, timeout=1.0):
 def _status_from_redis(channel, client, queues, nodes):
     """status()'s Redis half: ready messages per priority sub-list, unacknowledged per queue."""
     by_queue = {queue: {} for queue in queues}
+    oldest = {queue: {} for queue in queues}
     for queue in queues:
         for priority in channel.priority_steps:
-            by_queue[queue][str(priority)] = client.llen(channel._q_for_pri(queue, priority))
+            name = channel._q_for_pri(queue, priority)
+            by_queue[queue][str(priority)] = client.llen(name)
+            # kombu pushes on the left and consumes from the right: the right end is the next one out. Its
+            # delivery tag lets a caller that asks again see how long it has waited (messages carry no time).
+            oldest[queue][str(priority)] = _delivery_tag(client.lindex(name, -1)) if by_queue[queue][str(priority)] else None
     unacked = dict.fromkeys(queues, 0)
     try:
         for _tag, payload in client.hscan_iter(channel.unacked_key, count=1000):
@@ -256,11 +276,22 @@ def _status_from_redis(channel, client, queues, nodes):
         unacked = None  # unknown: the broker's users file is applied at its next restart
     queues_status = {
         queue: {"ready": sum(by_queue.get(queue, {}).values()), "by_priority": by_queue.get(queue, {}),
+                "oldest_by_priority": oldest.get(queue, {}),
                 "unacked": None if unacked is None else unacked.get(queue, 0),
                 "consumers": sorted(node for node, info in nodes.items() if queue in info["queues"])}
         for queue in sorted(set(queues) | set(unacked or {}))
     }
     return {"nodes_status": nodes, "queues_status": queues_status}
+
+
+def _delivery_tag(payload):
+    """The delivery tag of a message as kombu stores it in a list (JSON, properties.delivery_tag), or None."""
+    if payload is None:
+        return None
+    try:
+        return str(json.loads(payload)["properties"]["delivery_tag"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def run(app, action, method="active", destination=None, queue=None, timeout=2.0, check_mode=False):

@@ -351,7 +351,12 @@ def test_status_counts_every_priority_sub_list_and_the_unacked_per_queue(worker)
         assert queues["priority"]["ready"] == 0 and queues["priority"]["consumers"] == [NODE]
         assert queues["priority"]["unacked"] == 1 and queues["default"]["unacked"] == 0, queues
         assert queues["batch"] == {"ready": 0, "by_priority": {"0": 0, "3": 0, "6": 0, "9": 0}, "unacked": 0,
+                                   "oldest_by_priority": {"0": None, "3": None, "6": None, "9": None},
                                    "consumers": []}
+        # The next message out of each non-empty sub-list, by its delivery tag (a UUID).
+        oldest = queues["default"]["oldest_by_priority"]
+        assert oldest["6"] is None and all(len(oldest[p]) == 36 for p in ("0", "3", "9")), oldest
+        assert len(set(oldest.values()) - {None}) == 3
         assert (node["active"], node["reserved"], node["concurrency"], node["pool"]) == (1, 1, 1, "thread"), node
         assert node["queues"] == ["priority"] and node["uptime"] >= 0 and node["processed"] >= 0
     finally:

@@ -15,6 +15,7 @@ Standard library and Celery's public API only: it runs with whatever Celery a re
 import importlib
 import json
 import os
+import sys
 
 APP_VARIABLE = "CELERY_FLEET_APP"
 
@@ -78,6 +79,55 @@ def apply(app, settings):
     return found
 
 
+def _cgroup_memory():
+    """(memory, cap) in bytes of this process's own cgroup: under systemd, the worker instance's unit, its
+    pool's children included. cgroup v2 (memory.current, memory.max) or v1's memory controller
+    (memory.usage_in_bytes, memory.limit_in_bytes); None where unknown or unlimited."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as cgroup:
+            lines = [line.rstrip("\n").split(":", 2) for line in cgroup]
+    except OSError:
+        return None, None
+    v1 = next((path for _, controllers, path in lines if "memory" in controllers.split(",")), None)
+    if v1 is not None:
+        top, files = os.path.join("/sys/fs/cgroup/memory", v1.lstrip("/")), ("memory.usage_in_bytes",
+                                                                             "memory.limit_in_bytes")
+    else:
+        v2 = next((path for hierarchy, _, path in lines if hierarchy == "0"), None)
+        if v2 is None:
+            return None, None
+        top, files = os.path.join("/sys/fs/cgroup", v2.lstrip("/")), ("memory.current", "memory.max")
+    values = []
+    for name in files:
+        try:
+            with open(os.path.join(top, name), encoding="ascii") as value:
+                text = value.read().strip()
+        except OSError:
+            text = ""
+        # v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages), v2 with "max".
+        values.append(int(text) if text.isdigit() and int(text) < 2**62 else None)
+    return tuple(values)
+
+
+def fleet_info():
+    """What this node tells the fleet's monitor (the fleet_info inspect command): the release it runs (the
+    releases/<id>/venv the interpreter comes from) and the memory of its unit (the node and its children) and
+    that unit's cap, in bytes."""
+    prefix = os.path.realpath(sys.prefix)
+    release = os.path.basename(os.path.dirname(prefix)) if os.path.basename(prefix) == "venv" else None
+    memory, memory_max = _cgroup_memory()
+    return {"release": release, "memory": memory, "memory_max": memory_max, "pid": os.getpid()}
+
+
+def _register_control_commands():
+    """Registers fleet_info with Celery's remote control (its public API for custom commands), once per
+    process: the monitor asks every node with one broadcast, as it asks for stats."""
+    from celery.worker.control import Panel, inspect_command
+
+    if "fleet_info" not in Panel.data:
+        inspect_command(name="fleet_info")(lambda state, **_kwargs: fleet_info())
+
+
 def load(spec=None, environ=None):
     """The operator's app with the fleet's settings applied. Imports with the normal import path only (never
     the current directory first, as ``celery --app`` would)."""
@@ -92,6 +142,7 @@ def load(spec=None, environ=None):
     if not isinstance(app, Celery):
         raise RuntimeError(f"{APP_VARIABLE}={spec} is a {type(app).__name__}, not a Celery application")
     apply(app, fleet_settings(environ))
+    _register_control_commands()
     return app
 
 
