@@ -77,6 +77,7 @@ def sections():
         "celery_worker variables": variables_table("celery_worker",
                                                    skip=("celery_worker_defaults", "celery_worker_profiles")),
         "celery_worker settings": settings_table(),
+        "celery_monitor variables": variables_table("celery_monitor"),
     }
 
 

@@ -799,7 +799,13 @@ def _sha256(text):
     return hashlib.sha256(str(text).encode()).hexdigest()
 
 
-def redis_acl(client_user, client_password, admin_user, admin_password, legacy_default_user=False):
+# What the monitoring user (Prometheus's redis exporter) may run: server and memory facts, no key, no channel.
+REDIS_MONITOR_COMMANDS = ("hello", "ping", "select", "client|setname", "info", "config|get", "slowlog|get",
+                          "slowlog|len", "latency|latest", "client|list", "memory|stats", "dbsize")
+
+
+def redis_acl(client_user, client_password, admin_user, admin_password, legacy_default_user=False,
+              monitor_user=None, monitor_password=None):
     """The lines of the Redis ACL file (aclfile): the default user off, the fleet's clients with exactly
     REDIS_CLIENT_COMMANDS on every key and channel (queue names are the operator's), the admin with
     everything. Passwords only as their SHA-256.
@@ -822,11 +828,15 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
     commands = " ".join(f"+{command}" for command in sorted(REDIS_CLIENT_COMMANDS))
     default = (f"user default on resetpass {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}"
                if legacy_default_user else f"user default off resetpass resetkeys ~* resetchannels &* -@all {commands}")
-    return [
+    lines = [
         default,
         f"user {client_user} on {digest(client_password)} resetkeys ~* resetchannels &* -@all {commands}",
         f"user {admin_user} on {digest(admin_password)} resetkeys ~* resetchannels &* +@all",
     ]
+    if monitor_user:
+        monitoring = " ".join(f"+{command}" for command in REDIS_MONITOR_COMMANDS)
+        lines.append(f"user {monitor_user} on {digest(monitor_password)} resetkeys resetchannels -@all {monitoring}")
+    return lines
 
 
 def url_secret(value):
@@ -866,6 +876,8 @@ LAB_SECRET_DIGESTS = frozenset({
     "8f393f40c1b8024f28ca78060f9861419884efa8d5e8349a64af25d96f6f43b9",  # vault_celery_broker_password
     "480f98d74af3c35b7cf92ae045c1621969c15a57078f0aa87accf4b685d14616",  # vault_celery_broker_admin_password
     "c2a0cfc110fb12723a045d27b90ad44256989d6ce2b7503eed605ad93b51f81e",  # the lab's password before ACL users
+    "b71644aa61547c2902e3254f63d7535aa0de0a0d4dc44149cf8f419fd957363d",  # vault_celery_broker_monitor_password
+    "e25714d81f924914387a0e7ad237aaa6ac4753f63333aff12fe193cb6539307d",  # vault_celery_monitor_flower_password
 })
 
 
@@ -1035,10 +1047,129 @@ def systemd_units_memory(systemctl_show, node_names=None, instance_names=None):
     return {node: units.get(f"celery-worker@{name}.service", {}) for node, name in zip(node_names, instance_names)}
 
 
+def _integer(value):
+    """An int from an int or a string of digits; None for anything else (a bool, a float, text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"-?[0-9]{1,18}", text) else None
+
+
+def _number(value):
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def monitor_errors(settings):
+    """{celery_monitor_* variable: value} -> error messages naming each bad variable and what it allows."""
+    import ipaddress
+
+    errors = []
+
+    def integer(variable, low, high):
+        value = _integer(settings.get(variable))
+        if value is None or not low <= value <= high:
+            errors.append(f"{variable} must be a whole number from {low} to {high}; got {_show(settings.get(variable))}")
+            return None
+        return value
+
+    def number(variable, low, high, low_open=False):
+        value = _number(settings.get(variable))
+        if value is None or value > high or value < low or (low_open and value == low):
+            bound = f"above {low}" if low_open else f"from {low}"
+            errors.append(f"{variable} must be a number {bound} up to {high}; got {_show(settings.get(variable))}")
+            return None
+        return value
+
+    ports = {}
+    flower = bool(settings.get("celery_monitor_flower"))
+    for variable in ("celery_monitor_exporter_port", "celery_monitor_prometheus_port",
+                     "celery_monitor_redis_exporter_port") + (("celery_monitor_flower_port",) if flower else ()):
+        port = integer(variable, 1, 65535)
+        if port is not None:
+            ports.setdefault(port, []).append(variable)
+    for port, variables in sorted(ports.items()):
+        if len(variables) > 1:
+            errors.append(f"{' and '.join(variables)} must differ (all on the monitor host); both are {port}")
+    for variable in ("celery_monitor_exporter_address", "celery_monitor_prometheus_address") + (
+            ("celery_monitor_flower_address",) if flower else ()):
+        try:
+            ipaddress.ip_address(str(settings.get(variable)).strip())
+        except ValueError:
+            errors.append(f"{variable} must be an IP address to listen on (127.0.0.1, 0.0.0.0, ::1, ...); "
+                          f"got {_show(settings.get(variable))}")
+    interval = number("celery_monitor_exporter_interval", 1, 3600)
+    timeout = number("celery_monitor_exporter_timeout", 0.1, 60)
+    deadline = number("celery_monitor_exporter_deadline", 1, 600)
+    if None not in (interval, timeout, deadline) and not timeout < deadline:
+        errors.append(f"celery_monitor_exporter_deadline ({deadline:g} s) must be above celery_monitor_exporter_timeout"
+                      f" ({timeout:g} s): a refresh asks the nodes and then reads Redis within it")
+    integer("celery_monitor_prometheus_scrape_interval", 1, 3600)
+    if not re.fullmatch(r"[1-9][0-9]{0,5}(ms|s|m|h|d|w|y)", str(settings.get("celery_monitor_prometheus_retention"))):
+        errors.append("celery_monitor_prometheus_retention must be a Prometheus duration such as 15d, 12h or 2w; "
+                      f"got {_show(settings.get('celery_monitor_prometheus_retention'))}")
+    integer("celery_monitor_alert_minutes", 1, 1440)
+    integer("celery_monitor_alert_queue_ready", 1, 10**12)
+    number("celery_monitor_alert_queue_age", 0, 10**7, low_open=True)
+    number("celery_monitor_alert_failure_ratio", 0, 1, low_open=True)
+    ratio = number("celery_monitor_alert_broker_memory_ratio", 0, 1, low_open=True)
+    if ratio == 1:
+        errors.append("celery_monitor_alert_broker_memory_ratio must be below 1 (at the cap it is too late)")
+    if flower:
+        integer("celery_monitor_flower_max_tasks", 100, 10**7)
+        user = settings.get("celery_monitor_flower_user")
+        if not isinstance(user, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", user):
+            errors.append("celery_monitor_flower_user must be a user name of letters, digits, '_', '.' and '-' "
+                          f"(at most 64); got {_show(user)}")
+        password = settings.get("celery_monitor_flower_password")
+        if not isinstance(password, str) or not PASSWORD_PATTERN.fullmatch(password) or "," in password:
+            errors.append("celery_monitor_flower_password must be 16 to 512 printable ASCII characters without "
+                          "space or ',' (Flower splits its credentials on commas); the value given does not qualify")
+    return errors
+
+
+def host_port(address, port, local=False):
+    """"host:port" for an address a service listens on ("[v6]:port" for IPv6). local: the address a client on
+    the same host connects to (a wildcard address, 0.0.0.0 or ::, becomes loopback)."""
+    import ipaddress
+
+    parsed = ipaddress.ip_address(str(address).strip())
+    if local and parsed.is_unspecified:
+        parsed = ipaddress.ip_address("::1" if parsed.version == 6 else "127.0.0.1")
+    return f"[{parsed}]:{int(port)}" if parsed.version == 6 else f"{parsed}:{int(port)}"
+
+
+def monitor_fleet_hosts(worker_hostvars, worker_hosts):
+    """{host: {"group", "nodes": {node: [queues]}}} of every worker host, from their facts (facts.yml), for the
+    fleet exporter; raises naming the hosts whose facts are missing (not reached in this run)."""
+    hosts, missing = {}, []
+    for host, variables in zip(worker_hosts, worker_hostvars):
+        nodes = (variables or {}).get("_celery_worker_node_queues")
+        if nodes is None:
+            missing.append(host)
+            continue
+        hosts[host] = {"group": (variables.get("_celery_worker_layered") or {}).get("profile"),
+                       "nodes": {node: sorted(queues) for node, queues in nodes.items()}}
+    if missing:
+        raise ValueError(f"no worker facts for {', '.join(missing)}: the monitor's view of the fleet needs every "
+                         "worker host in the run (do not --limit them out of a run that configures the monitor)")
+    return hosts
+
+
 class FilterModule:
     def filters(self):
         return {
             "celery_fleet_parse_nvidia_smi": parse_nvidia_smi,
+            "celery_fleet_monitor_errors": monitor_errors,
+            "celery_fleet_monitor_fleet_hosts": monitor_fleet_hosts,
+            "celery_fleet_host_port": host_port,
             "celery_fleet_wheel_platforms": wheel_platforms,
             "celery_fleet_worker_instances": worker_instances,
             "celery_fleet_worker_arguments": worker_arguments,

@@ -12,7 +12,7 @@ import readme_variables
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("role", ["celery_broker", "celery_worker"])
+@pytest.mark.parametrize("role", ["celery_broker", "celery_worker", "celery_monitor"])
 def test_argument_spec_and_defaults_agree(role):
     defaults = yaml.safe_load((PROJECT / "roles" / role / "defaults" / "main.yml").read_text())
     options = readme_variables.spec_options(role)
@@ -23,7 +23,7 @@ def test_argument_spec_and_defaults_agree(role):
         assert option["default"] == defaults[name], f"{role}: {name}: spec {option['default']!r} != {defaults[name]!r}"
 
 
-@pytest.mark.parametrize("role", ["celery_broker", "celery_worker"])
+@pytest.mark.parametrize("role", ["celery_broker", "celery_worker", "celery_monitor"])
 def test_every_entry_point_has_the_same_spec(role):
     specs = yaml.safe_load((PROJECT / "roles" / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
     assert all(spec["options"] == specs["main"]["options"] for spec in specs.values())
@@ -47,3 +47,10 @@ def test_the_workers_log_in_as_the_broker_s_client_user_by_default():
     broker = yaml.safe_load((PROJECT / "roles" / "celery_broker" / "defaults" / "main.yml").read_text())
     worker = yaml.safe_load((PROJECT / "roles" / "celery_worker" / "defaults" / "main.yml").read_text())
     assert worker["celery_worker_broker_user"] == broker["celery_broker_user"]
+
+
+def test_the_monitor_logs_in_as_the_broker_s_users_by_default():
+    broker = yaml.safe_load((PROJECT / "roles" / "celery_broker" / "defaults" / "main.yml").read_text())
+    monitor = yaml.safe_load((PROJECT / "roles" / "celery_monitor" / "defaults" / "main.yml").read_text())
+    assert monitor["celery_monitor_broker_user"] == broker["celery_broker_user"]
+    assert monitor["celery_monitor_redis_user"] == broker["celery_broker_monitor_user"]

@@ -11,9 +11,14 @@ drops the fleet's figures rather than serving stale ones as current.
 The fleet's logic is not copied here: ``celery_control`` (the Ansible module that talks to the workers and the
 broker) and ``celery_fleet`` (the role's filters) are installed beside this module by the celery_monitor role.
 
-Configuration: a JSON file (``--config``), written by the role:
+Configuration: a JSON file (``--config``), written by the role (it holds the broker's password: no
+environment file, no command line):
 ``{"broker_url", "transport_options", "queues", "hosts": {host: {"group", "nodes": {node: [queues]}}},
-"min_online", "interval", "timeout", "deadline", "listen", "port"}``.
+"min_online", "interval", "timeout", "deadline", "listen", "port", "flower": {...}}``.
+
+``python -m celery_fleet_exporter flower --config FILE`` runs Flower with the same file: the fleet's broker and
+transport options (a client with a shorter visibility timeout would put back tasks that are still running),
+basic auth, address, port and max_tasks handed to Flower through its FLOWER_* environment, never argv.
 """
 
 import argparse
@@ -217,11 +222,54 @@ class Collector:
         return self.state.families()
 
 
+CONFIG_VARIABLE = "CELERY_FLEET_MONITOR_CONFIG"
+
+
+def __getattr__(name):
+    """``celery_fleet_exporter:flower_app``: the Celery app Flower runs with, from the monitor's configuration."""
+    if name == "flower_app":
+        import os
+
+        from celery import Celery
+
+        config = load_config(os.environ[CONFIG_VARIABLE])
+        app = globals()["flower_app"] = Celery("celery_fleet_flower", broker=config["broker_url"],
+                                               set_as_current=True)
+        app.conf.broker_transport_options = dict(config["transport_options"])
+        app.conf.broker_connection_retry_on_startup = True
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def flower(config_path):
+    """Flower with the monitor's configuration: its options through FLOWER_* (Flower's own environment
+    options), the app through celery_fleet_exporter:flower_app."""
+    import os
+    import sys
+
+    from celery.bin.celery import main as celery_main
+
+    config = load_config(config_path)
+    options = config.get("flower") or {}
+    os.environ[CONFIG_VARIABLE] = os.path.abspath(config_path)
+    os.environ["FLOWER_BASIC_AUTH"] = f"{options['user']}:{options['password']}"
+    os.environ["FLOWER_ADDRESS"] = str(options.get("address", "127.0.0.1"))
+    os.environ["FLOWER_PORT"] = str(options.get("port", 5555))
+    os.environ["FLOWER_MAX_TASKS"] = str(options.get("max_tasks", 10000))
+    # Workers that went away leave no metrics behind for ever (Flower's gauges per worker).
+    os.environ["FLOWER_PURGE_OFFLINE_WORKERS"] = str(options.get("purge_offline_workers", 600))
+    sys.argv = ["celery", "--app", "celery_fleet_exporter:flower_app", "flower"]
+    return celery_main()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("command", nargs="?", default="exporter", choices=["exporter", "flower"])
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.command == "flower":
+        return flower(args.config)
     config = load_config(args.config)
 
     from prometheus_client import start_http_server

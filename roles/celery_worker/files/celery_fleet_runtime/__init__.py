@@ -43,6 +43,12 @@ def fleet_settings(environ=None):
         # A worker started while the broker restarts waits for it instead of exiting.
         "broker_connection_retry_on_startup": True,
     }
+    if environ.get("CELERY_FLEET_TASK_EVENTS", "").strip():
+        # Task events for the fleet's monitor (Flower): workers send them, and so does every client through the
+        # runtime on publishing (task-sent).
+        events = _flag(environ, "CELERY_FLEET_TASK_EVENTS", False)
+        settings["worker_send_task_events"] = events
+        settings["task_send_sent_event"] = events
     if environ.get("CELERY_BROKER_URL"):
         settings["broker_url"] = environ["CELERY_BROKER_URL"]
     if environ.get("CELERY_RESULT_BACKEND"):
