@@ -82,7 +82,8 @@ def test_the_exporter_answers_scrapes_from_its_last_refresh(monitor):
                          f"    urllib.request.urlopen('{EXPORTER}').read()\n    t.append(time.monotonic() - s)\n"
                          "print(max(t), sorted(t)[10])\"")
     slowest, median = map(float, timing.stdout.split())
-    print(f"exporter scrape with {len(EXPECTED_NODES)} nodes: median {median * 1000:.1f} ms, max {slowest * 1000:.1f} ms")
+    print(f"exporter scrape with {len(EXPECTED_NODES)} nodes: median {median * 1000:.1f} ms, "
+          f"max {slowest * 1000:.1f} ms")
     assert slowest < 1.0, timing.stdout
 
 
