@@ -1135,6 +1135,50 @@ def monitor_errors(settings):
     return errors
 
 
+def fleet_capacity(fleet, measured, window_seconds):
+    """The seed's sizing rule per worker group (its nodes serve its queues together): arrival rate x mean task
+    duration = slots needed; / slots per host = hosts needed, next to what the inventory gives the group.
+
+    fleet: fleet_status's view (nodes with group, host, concurrency, queues). measured: Flower's task events over
+    the last window_seconds, per worker node: {"received": {node: tasks}, "runtime_sum": {node: seconds},
+    "runtime_count": {node: tasks}}, each also as Prometheus's instant vector ([{"metric": {"worker": node},
+    "value": [time, "number"]}], what `sum by (worker) (increase(...))` answers). The arrival rate is the rate tasks reached
+    the group's nodes: below the true arrival rate while a queue of the group grows (its READY column says so).
+    A group with no finished task in the window has no mean duration: nothing to size (None)."""
+    import math
+
+    def by_node(values):
+        if isinstance(values, list):
+            return {item["metric"].get("worker"): float(item["value"][1]) for item in values}
+        return values or {}
+
+    measured = {key: by_node(values) for key, values in (measured or {}).items()}
+    window = float(window_seconds)
+    if window <= 0:
+        raise ValueError(f"the capacity window must be above 0 s; got {window_seconds!r}")
+    rows = []
+    for group in sorted({node["group"] for node in fleet.get("nodes", []) if node.get("group")}):
+        members = [node for node in fleet["nodes"] if node.get("group") == group]
+        hosts = sorted({node["host"] for node in members if node.get("host")})
+        slots = sum(node.get("concurrency") or 0 for node in members)
+        names = [node["node"] for node in members]
+        received = sum(float((measured.get("received") or {}).get(name, 0)) for name in names)
+        runtime = sum(float((measured.get("runtime_sum") or {}).get(name, 0)) for name in names)
+        finished = sum(float((measured.get("runtime_count") or {}).get(name, 0)) for name in names)
+        arrival = received / window
+        mean = runtime / finished if finished > 0 else None
+        needed = arrival * mean if mean is not None else None
+        per_host = slots / len(hosts) if hosts and slots else None
+        rows.append({
+            "group": group, "queues": sorted({queue for node in members for queue in node.get("queues") or []}),
+            "arrival_per_second": round(arrival, 3), "mean_seconds": None if mean is None else round(mean, 3),
+            "slots_needed": None if needed is None else round(needed, 2), "slots": slots,
+            "hosts": len(hosts), "slots_per_host": per_host,
+            "hosts_needed": None if needed is None or not per_host else max(1, math.ceil(needed / per_host)),
+        })
+    return rows
+
+
 def host_port(address, port, local=False):
     """"host:port" for an address a service listens on ("[v6]:port" for IPv6). local: the address a client on
     the same host connects to (a wildcard address, 0.0.0.0 or ::, becomes loopback)."""
@@ -1170,6 +1214,7 @@ class FilterModule:
             "celery_fleet_monitor_errors": monitor_errors,
             "celery_fleet_monitor_fleet_hosts": monitor_fleet_hosts,
             "celery_fleet_host_port": host_port,
+            "celery_fleet_fleet_capacity": fleet_capacity,
             "celery_fleet_wheel_platforms": wheel_platforms,
             "celery_fleet_worker_instances": worker_instances,
             "celery_fleet_worker_arguments": worker_arguments,

@@ -165,3 +165,37 @@ def test_a_failed_refresh_drops_the_fleet_s_figures_and_counts_the_failure():
     assert families["celery_fleet_refresh_age_seconds"].samples[0].value == 30
     assert "celery_fleet_queue_ready_messages" not in families
 
+
+
+FLEET = {"nodes": [
+    {"node": "web-worker@web1", "group": "web", "host": "web1", "concurrency": 8, "queues": ["default", "priority"]},
+    {"node": "web-worker@web2", "group": "web", "host": "web2", "concurrency": 8, "queues": ["default", "priority"]},
+    {"node": "gpu-worker-1@gpu1", "group": "gpu", "host": "gpu1", "concurrency": 1, "queues": ["ml"]},
+    {"node": "gpu-worker-2@gpu1", "group": "gpu", "host": "gpu1", "concurrency": 1, "queues": ["ml"]},
+    {"node": "batch-worker@batch1", "group": "batch", "host": "batch1", "concurrency": 4, "queues": ["batch"]},
+]}
+
+
+def test_capacity_is_the_seed_s_sizing_rule_per_group():
+    # web: 30 tasks/s (18000 in 600 s) of 0.8 s = 24 slots; 8 per host -> 3 hosts (the inventory has 2).
+    # gpu: 0.1 task/s of 30 s = 3 slots; 2 per host (two instances of 1) -> 2 hosts. batch: nothing finished.
+    measured = {"received": {"web-worker@web1": 9000, "web-worker@web2": 9000, "gpu-worker-1@gpu1": 60},
+                "runtime_sum": {"web-worker@web1": 7200, "web-worker@web2": 7200, "gpu-worker-1@gpu1": 1800},
+                "runtime_count": {"web-worker@web1": 9000, "web-worker@web2": 9000, "gpu-worker-1@gpu1": 60}}
+    rows = {row["group"]: row for row in cf.fleet_capacity(FLEET, measured, 600)}
+    assert rows["web"] == {"group": "web", "queues": ["default", "priority"], "arrival_per_second": 30.0,
+                           "mean_seconds": 0.8, "slots_needed": 24.0, "slots": 16, "hosts": 2, "slots_per_host": 8.0,
+                           "hosts_needed": 3}
+    assert (rows["gpu"]["slots_needed"], rows["gpu"]["slots_per_host"], rows["gpu"]["hosts_needed"]) == (3.0, 2.0, 2)
+    assert rows["batch"]["mean_seconds"] is None and rows["batch"]["hosts_needed"] is None
+    assert rows["batch"]["arrival_per_second"] == 0.0
+    with pytest.raises(ValueError, match="window must be above 0"):
+        cf.fleet_capacity(FLEET, measured, 0)
+
+
+def test_capacity_reads_prometheus_s_vectors_as_they_come():
+    vector = [{"metric": {"worker": "batch-worker@batch1"}, "value": [1700000000.0, "120"]}]
+    rows = {row["group"]: row for row in cf.fleet_capacity(FLEET, {"received": vector, "runtime_sum": [
+        {"metric": {"worker": "batch-worker@batch1"}, "value": [1700000000.0, "600"]}], "runtime_count": vector}, 60)}
+    assert (rows["batch"]["arrival_per_second"], rows["batch"]["mean_seconds"], rows["batch"]["slots_needed"],
+            rows["batch"]["hosts_needed"]) == (2.0, 5.0, 10.0, 3)

@@ -3,7 +3,6 @@
 import base64
 import json
 import os
-import time
 from pathlib import Path
 
 import testinfra
@@ -70,57 +69,5 @@ def redis_cli(host, *arguments, user="celery-admin", password=None, address=None
     words = " ".join(f"'{argument}'" for argument in arguments)
     return host.run(f"echo {encoded} | base64 -d | redis-cli --no-auth-warning {target}--user {user} --askpass {words}")
 
-
-# --- The monitor host (celery_monitor) -----------------------------------------------------------------------------
-MONITOR = "monitor1"
-EXPORTER = "http://127.0.0.1:9808/metrics"
-PROMETHEUS = "http://127.0.0.1:9090"
-
-
-def monitor_get(url, timeout=10):
-    """GET a URL from monitor1 with its system Python (its services listen on loopback): (status, body)."""
-    code = f"""
-import json, urllib.error, urllib.request
-try:
-    with urllib.request.urlopen({url!r}, timeout={timeout}) as response:
-        print(json.dumps([response.status, response.read().decode()]))
-except urllib.error.HTTPError as error:
-    print(json.dumps([error.code, error.read().decode(errors="replace")]))
-"""
-    encoded = base64.b64encode(code.encode()).decode()
-    result = lab_host(MONITOR).run(f"python3 -c \"import base64; exec(base64.b64decode('{encoded}'))\"")
-    assert result.rc == 0, result.stderr
-    status, body = json.loads(result.stdout.strip().splitlines()[-1])
-    return status, body
-
-
-def exporter_samples():
-    """{(name, frozenset(labels)): value} of the fleet exporter's last refresh, parsed as Prometheus parses it."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    status, body = monitor_get(EXPORTER)
-    assert status == 200, body
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
-
-
-def promql(query):
-    """An instant PromQL query against monitor1's Prometheus, over its HTTP API: [(labels, value)]."""
-    from urllib.parse import urlencode
-
-    status, body = monitor_get(f"{PROMETHEUS}/api/v1/query?{urlencode({'query': query})}")
-    assert status == 200, body
-    answer = json.loads(body)
-    assert answer["status"] == "success", answer
-    return [(item["metric"], float(item["value"][1])) for item in answer["data"]["result"]]
-
-
-def wait_for(check, seconds, what):
-    """check() until it returns a true value or `seconds` pass; the last value, asserted true."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"{what}: not within {seconds} s"
-            return value
-        time.sleep(1)
+# The monitor host's helpers live with the rolling scenario's in tests/support/fleetlab.py.
+from fleetlab import EXPORTER, MONITOR, PROMETHEUS, exporter_samples, monitor_get, promql, wait_for  # noqa: E402,F401

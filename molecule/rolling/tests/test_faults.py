@@ -206,8 +206,24 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
     def freeze():
         broker.check_output(f"kill -STOP {pid}")
         thaw.start()
+        watcher.start()
+
+    exporter = {}
+
+    def watch_exporter():
+        """The monitor's exporter while Redis is frozen: a scrape answers at once from the last refresh, and
+        reports the broker down once a refresh has missed its deadline (8 s) plus an interval (2 s here)."""
+        time.sleep(15)
+        started = time.monotonic()
+        exporter["samples"] = fleetlab.exporter_samples()
+        exporter["seconds"] = time.monotonic() - started
+
+    watcher = threading.Thread(target=watch_exporter)
 
     def frozen_roll_then_rerun(load):
+        # Before the freeze the exporter sees the broker, over TLS since the converge.
+        fleetlab.wait_for(lambda: fleetlab.exporter_samples().get(("celery_fleet_broker_up", frozenset())) == 1, 30,
+                          "the exporter seeing the broker before the freeze")
         try:
             rc, output, times = fleetlab.fleetload.run_playbook_acting(
                 "rolling_restart.yml", "--limit", "web", "--extra-vars", roll_vars, inventory=INVENTORIES,
@@ -215,6 +231,8 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
         finally:
             thaw.join()
             broker.run(f"kill -CONT {pid}")  # whatever happened above, Redis runs again
+            if watcher.ident is not None:
+                watcher.join()
         drain_failed = times[rescue] - times["acted"] if times[rescue] else None
         ended = times["ended"] - times["acted"]
         print(f"broker frozen mid-drain for {frozen} s: the drain failed {drain_failed} s and the run ended "
@@ -238,6 +256,12 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
     assert rc == 0, output[-4000:]
     assert fleet.consuming() == fleet.nodes
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=50, duplicates_allowed=report["sent"])
+    samples = exporter["samples"]
+    print(f"exporter 15 s into the freeze: scrape {exporter['seconds']:.2f} s, broker_up "
+          f"{samples.get(('celery_fleet_broker_up', frozenset()))}")
+    assert samples[("celery_fleet_broker_up", frozenset())] == 0 and exporter["seconds"] < 5, exporter["seconds"]
+    assert samples[("celery_fleet_refresh_failures_total", frozenset())] >= 1
+    assert not [name for name, _ in samples if name.startswith("celery_fleet_queue_")], "stale figures served"
 
 
 # --- Worker hosts -----------------------------------------------------------------------------------
