@@ -67,7 +67,7 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
                                   "median_tasks_per_second": median, "at": stamp}, indent=2) + "\n")
-    print(f"record: {output.relative_to(PROJECT)}")
+    print(f"record: {output}")
 
 
 if __name__ == "__main__":

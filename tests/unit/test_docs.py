@@ -54,3 +54,17 @@ def test_the_monitor_logs_in_as_the_broker_s_users_by_default():
     monitor = yaml.safe_load((PROJECT / "roles" / "celery_monitor" / "defaults" / "main.yml").read_text())
     assert monitor["celery_monitor_broker_user"] == broker["celery_broker_user"]
     assert monitor["celery_monitor_redis_user"] == broker["celery_broker_monitor_user"]
+
+
+def test_the_readme_lists_every_metric_and_every_alert():
+    import re
+
+    import celery_fleet_exporter
+
+    text = readme_variables.README.read_text()
+    missing = [name for name in celery_fleet_exporter.METRICS if f"`{name}`" not in text]
+    assert not missing, missing
+    rules = (PROJECT / "roles" / "celery_monitor" / "templates" / "etc" / "prometheus"
+             / "celery-fleet.rules.yml.j2").read_text()
+    alerts = re.findall(r"- alert: (\w+)", rules)
+    assert len(alerts) == 7 and not [alert for alert in alerts if f"| `{alert}` |" not in text], alerts

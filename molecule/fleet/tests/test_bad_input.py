@@ -3,8 +3,8 @@ allowed. Every per-setting case is a fast unit test (tests/unit/test_settings.py
 one case of each kind of check: a per-setting error (the settings filter), a type the argument spec
 refuses, each fleet-wide check (node names, GPUs), the profile a host takes, the release id (a path, a
 space), GPU ids, the extra environment, the broker's memory caps and passwords (the lab's public ones outside
-the lab), and changed sources under a deployed release id. The runs go four at a time, between two snapshots of
-the fleet: no run may change anything."""
+the lab), the monitor's ports and retention, and changed sources under a deployed release id. The runs go four
+at a time, between two snapshots of the fleet: no run may change anything."""
 
 import concurrent.futures
 import json
@@ -67,6 +67,10 @@ CASES = {
     "broker-password-with-a-newline": (
         {"celery_broker_password": "sixteen-chars-at-least\nrequirepass x"},
         ["celery_broker_password must be 16 to 512 printable ASCII characters"]),
+    "monitor-ports-that-collide": (
+        {"celery_monitor_flower_port": 9090, "celery_monitor_prometheus_retention": "forever"},
+        ["celery_monitor_prometheus_port and celery_monitor_flower_port must differ (all on the monitor host)",
+         "celery_monitor_prometheus_retention must be a Prometheus duration such as 15d", "got \"forever\""]),
     "results-cap-too-small": (
         {"celery_broker_results_maxmemory": "1mb"},
         ["celery_broker_results_maxmemory must be \"0\" (results in the queue instance, no cap) or at least 32mb",
@@ -85,6 +89,9 @@ def fleet_state():
         state[f"{name}:pids"] = host.check_output(
             "systemctl show -p MainPID --value 'celery-worker@*.service' | sort")
     state["opt"] = lab_host("web1").check_output("ls /opt /opt/celery-fleet/releases")
+    state["monitor"] = lab_host("monitor1").check_output(
+        "sha256sum /etc/celery-fleet-monitor/monitor.json /etc/prometheus/prometheus.yml; "
+        "systemctl show -p MainPID --value celery-fleet-exporter prometheus")
     return state
 
 
