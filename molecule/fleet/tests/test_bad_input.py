@@ -70,7 +70,7 @@ CASES = {
     "monitor-ports-that-collide": (
         {"celery_monitor_flower_port": 9090, "celery_monitor_prometheus_retention": "forever"},
         ["celery_monitor_prometheus_port and celery_monitor_flower_port must differ (all on the monitor host)",
-         "celery_monitor_prometheus_retention must be a Prometheus duration such as 15d", "got \"forever\""]),
+         "celery_monitor_prometheus_retention must be a Prometheus duration such as 15d, 12h or 2w; got", "forever"]),
     "results-cap-too-small": (
         {"celery_broker_results_maxmemory": "1mb"},
         ["celery_broker_results_maxmemory must be \"0\" (results in the queue instance, no cap) or at least 32mb",
