@@ -205,31 +205,32 @@ def wait_drained(app, destination, wait, timeout=1.0, poll=0.25):
 
 
 def status(app, queues, destination=None, timeout=1.0):
-    """The fleet as its nodes and its broker see it: one round of inspect calls (stats, active, reserved,
-    active_queues: every node answers each in parallel) and direct reads of Redis through the transport's own
-    channel (its priority sub-list names, its unacked hash), never KEYS and never a shell."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The fleet as its nodes and its broker see it: inspect calls (stats, then active, reserved and
+    active_queues) and direct reads of Redis through the transport's own channel (its priority sub-list names,
+    its unacked hash), never KEYS and never a shell.
 
-    def ask(method):
-        inspector = app.control.inspect(destination=list(destination or []) or None, timeout=timeout)
+    One broadcast at a time: stats to every node (or the destination), waiting its whole timeout for nodes the
+    caller does not know of; the others only to the nodes that answered it, each ending as soon as all of them
+    have. (Four broadcasts from threads of one process at once lost replies now and then: a node answered
+    stats but was missing from active.)"""
+
+    def ask(method, nodes):
+        inspector = app.control.inspect(destination=list(nodes or []) or None, timeout=timeout,
+                                        limit=len(nodes) if nodes else None)
         return getattr(inspector, method)() or {}
 
-    def ask_info():
-        # The fleet runtime's own command (release, unit memory); a node without it answers with an error.
-        inspector = app.control.inspect(destination=list(destination or []) or None, timeout=timeout)
-        replies = inspector._request("fleet_info") or {}
-        return {node: reply for node, reply in replies.items() if isinstance(reply, dict) and "error" not in reply}
-
-    # Five broadcasts at once: without a destination each waits its whole timeout for nodes it does not know of.
-    with ThreadPoolExecutor(5) as executor:
-        info_future = executor.submit(ask_info)
-        stats, active, reserved, consuming = executor.map(ask, ("stats", "active", "reserved", "active_queues"))
-        info = info_future.result()
+    stats = ask("stats", destination)
+    answered = sorted(stats)
+    if answered:
+        active, reserved, consuming = (ask(method, answered) for method in ("active", "reserved", "active_queues"))
+    else:
+        active, reserved, consuming = {}, {}, {}
     nodes = {}
     for node in sorted(set(stats) | set(consuming)):
         node_stats = stats.get(node) or {}
         pool = node_stats.get("pool") or {}
-        node_info = info.get(node) or {}
+        # The fleet runtime's bootstep adds the node's release and unit memory to its stats reply.
+        node_info = node_stats.get("fleet") or {}
         nodes[node] = {
             "release": node_info.get("release"),
             "memory": node_info.get("memory"),

@@ -1,6 +1,6 @@
 """The fleet exporter against a real Redis and a real worker started through the fleet's runtime (no mocks):
 exact queue depths over every priority sub-list, a node's release and unit memory from the runtime's
-fleet_info command, scrapes served from the last refresh, and a frozen broker reported as down within the
+bootstep (its stats reply), scrapes served from the last refresh, and a frozen broker reported as down within the
 refresh's deadline while scrapes still answer at once."""
 
 import json
@@ -51,7 +51,7 @@ def redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(redis):
-    """A worker loaded through celery_fleet_runtime, as the fleet's instances are (hence fleet_info)."""
+    """A worker loaded through celery_fleet_runtime, as the fleet's instances are (hence its fleet stats)."""
     env = dict(os.environ, CELERY_BROKER_URL=redis["url"], CELERY_FLEET_APP="celery_fleet_app",
                PYTHONPATH=f"{RUNTIME}{os.pathsep}{APP_SRC}")
     process = subprocess.Popen(
@@ -111,7 +111,7 @@ def test_every_priority_sub_list_is_counted_and_the_node_reports_itself(redis, w
         assert groups == {(("group", "web"),): 0, (("group", "batch"),): 0}
         missing = (("group", "batch"), ("host", "batch9"), ("node", "batch-worker@batch9"))
         assert values(state.samples, "celery_fleet_node_up")[missing] == 0
-        # fleet_info: the runtime's own command (no release: this worker's interpreter is not a release's venv).
+        # The runtime's bootstep (no release: this worker's interpreter is not a release's venv).
         info = [labels for name, labels, _ in state.samples if name == "celery_fleet_node_info"]
         assert info == [{"node": NODE, "group": "web", "host": "web9", "release": "", "pool": "thread"}]
         # The memory of the worker's own cgroup, as the runtime reads it (the fleet: its systemd unit's).

@@ -116,22 +116,36 @@ def _cgroup_memory():
 
 
 def fleet_info():
-    """What this node tells the fleet's monitor (the fleet_info inspect command): the release it runs (the
-    releases/<id>/venv the interpreter comes from) and the memory of its unit (the node and its children) and
-    that unit's cap, in bytes."""
+    """What this node tells the fleet's monitor and status, in its stats reply (``celery inspect stats``, key
+    ``fleet``): the release it runs (the releases/<id>/venv the interpreter comes from), the memory of its unit
+    (the node and its children) and that unit's cap, in bytes."""
     prefix = os.path.realpath(sys.prefix)
     release = os.path.basename(os.path.dirname(prefix)) if os.path.basename(prefix) == "venv" else None
     memory, memory_max = _cgroup_memory()
-    return {"release": release, "memory": memory, "memory_max": memory_max, "pid": os.getpid()}
+    return {"release": release, "memory": memory, "memory_max": memory_max}
 
 
-def _register_control_commands():
-    """Registers fleet_info with Celery's remote control (its public API for custom commands), once per
-    process: the monitor asks every node with one broadcast, as it asks for stats."""
-    from celery.worker.control import Panel, inspect_command
+_FLEET_INFO_STEP = None
 
-    if "fleet_info" not in Panel.data:
-        inspect_command(name="fleet_info")(lambda state, **_kwargs: fleet_info())
+
+def _add_fleet_info_step(app):
+    """A worker bootstep whose info() adds fleet_info() to the node's stats reply: the monitor and status get
+    it from the stats broadcast they send anyway (Celery's public bootsteps API), not from a broadcast of its
+    own (a fifth concurrent one lost replies in tests)."""
+    global _FLEET_INFO_STEP
+    if _FLEET_INFO_STEP is None:
+        from celery import bootsteps
+
+        # A StartStopStep, which starts and stops nothing (no obj): only those are listed in the worker's steps,
+        # whose info() the stats reply gathers.
+        class FleetInfo(bootsteps.StartStopStep):
+            name = "celery_fleet_runtime.FleetInfo"
+
+            def info(self, worker):
+                return {"fleet": fleet_info()}
+
+        _FLEET_INFO_STEP = FleetInfo
+    app.steps["worker"].add(_FLEET_INFO_STEP)
 
 
 def load(spec=None, environ=None):
@@ -148,7 +162,7 @@ def load(spec=None, environ=None):
     if not isinstance(app, Celery):
         raise RuntimeError(f"{APP_VARIABLE}={spec} is a {type(app).__name__}, not a Celery application")
     apply(app, fleet_settings(environ))
-    _register_control_commands()
+    _add_fleet_info_step(app)
     return app
 
 
