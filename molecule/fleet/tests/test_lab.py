@@ -1,4 +1,4 @@
-"""The lab fleet boots as five real systemd hosts, named and grouped as inventories/lab says."""
+"""The lab fleet boots as six real systemd hosts, named and grouped as inventories/lab says."""
 
 import json
 import subprocess
@@ -13,6 +13,7 @@ EXPECTED_GROUPS = {
     "web2": {"web", "workers"},
     "batch1": {"batch", "workers"},
     "gpu1": {"gpu", "workers"},
+    "monitor1": {"monitor"},
 }
 
 
@@ -26,7 +27,7 @@ def lab_inventory(request):
     return json.loads(listed.stdout)
 
 
-def test_the_lab_holds_exactly_five_hosts(lab_inventory):
+def test_the_lab_holds_exactly_six_hosts(lab_inventory):
     assert set(lab_inventory["_meta"]["hostvars"]) == set(EXPECTED_GROUPS)
 
 

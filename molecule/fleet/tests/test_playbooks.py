@@ -17,7 +17,7 @@ def assert_no_change(*args):
     rc, output = fleetload.run_playbook("site.yml", *args, inventory=INVENTORY, timeout=600)
     assert rc == 0, output[-4000:]
     recap = fleetload.recap(output)
-    assert set(recap) == {"broker1", "web1", "web2", "batch1", "gpu1"}, recap
+    assert set(recap) == {"broker1", "web1", "web2", "batch1", "gpu1", "monitor1"}, recap
     assert all((counts["changed"], counts["unreachable"], counts["failed"]) == (0, 0, 0)
                for counts in recap.values()), recap
     assert worker_pids() == before
