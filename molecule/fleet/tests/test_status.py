@@ -149,8 +149,17 @@ print(json.dumps(sum(sum(counts.values()) for counts in {SENT!r}.values())))
     wait_for(lambda: {value for _, value in promql("celery_fleet_queue_ready_messages")} == {0.0}, 30,
              "Prometheus at 0")
     assert exported[("celery_fleet_node_resident_memory_bytes", NODE_LABELS)] > 10 * 2**20
-    # The capacity view: the inventory's hosts and slots per group, and what Flower's events of the 14 batch
-    # tasks made of batch's arrival and mean duration (Prometheus scrapes Flower every 2 s in the lab).
+    # The capacity view: the inventory's hosts and slots per group, and what Flower's events made of batch's
+    # arrival and mean duration. Prometheus's increase() counts nothing for a counter's first sample, and on a
+    # fresh lab Flower's counters for batch1 first appear with the 14 tasks above: 4 more, once scraped, count.
+    more = run_python(lab_host("web1"), """
+import json
+from celery_fleet_runtime import app
+results = [app.send_task("celery_fleet_app.tasks.benchmark_task", args=[n], queue="batch") for n in range(4)]
+print(json.dumps([result.get(timeout=30) for result in results]))
+""")
+    assert len(more) == 4
+
     def capacity():
         rows = {row["group"]: row for row in status(tmp_path, "capacity")[0]["capacity"] or []}
         return rows if rows.get("batch", {}).get("mean_seconds") is not None else None
