@@ -835,7 +835,9 @@ def redis_acl(client_user, client_password, admin_user, admin_password, legacy_d
     ]
     if monitor_user:
         monitoring = " ".join(f"+{command}" for command in REDIS_MONITOR_COMMANDS)
-        lines.append(f"user {monitor_user} on {digest(monitor_password)} resetkeys resetchannels -@all {monitoring}")
+        # resetpass first: a rotated password replaces the old one at once (ACL SETUSER adds a hash otherwise).
+        lines.append(f"user {monitor_user} on resetpass {digest(monitor_password)} resetkeys resetchannels -@all "
+                     f"{monitoring}")
     return lines
 
 
@@ -1092,7 +1094,8 @@ def monitor_errors(settings):
     flower = bool(settings.get("celery_monitor_flower"))
     for variable in ("celery_monitor_exporter_port", "celery_monitor_prometheus_port",
                      "celery_monitor_redis_exporter_port") + (("celery_monitor_flower_port",) if flower else ()):
-        port = integer(variable, 1, 65535)
+        # The services run as unprivileged users with no capability: a port below 1024 could not be bound.
+        port = integer(variable, 1024, 65535)
         if port is not None:
             ports.setdefault(port, []).append(variable)
     for port, variables in sorted(ports.items()):
@@ -1101,16 +1104,18 @@ def monitor_errors(settings):
     for variable in ("celery_monitor_exporter_address", "celery_monitor_prometheus_address") + (
             ("celery_monitor_flower_address",) if flower else ()):
         try:
-            ipaddress.ip_address(str(settings.get(variable)).strip())
+            # As written: the services are given the value itself, and " 127.0.0.1" is no address to them.
+            ipaddress.ip_address(str(settings.get(variable)))
         except ValueError:
             errors.append(f"{variable} must be an IP address to listen on (127.0.0.1, 0.0.0.0, ::1, ...); "
                           f"got {_show(settings.get(variable))}")
     interval = number("celery_monitor_exporter_interval", 1, 3600)
     timeout = number("celery_monitor_exporter_timeout", 0.1, 60)
     deadline = number("celery_monitor_exporter_deadline", 1, 600)
-    if None not in (interval, timeout, deadline) and not timeout < deadline:
-        errors.append(f"celery_monitor_exporter_deadline ({deadline:g} s) must be above celery_monitor_exporter_timeout"
-                      f" ({timeout:g} s): a refresh asks the nodes and then reads Redis within it")
+    if None not in (interval, timeout, deadline) and not 4 * timeout + 1 <= deadline:
+        errors.append(f"celery_monitor_exporter_deadline ({deadline:g} s) must be at least 4 x "
+                      f"celery_monitor_exporter_timeout + 1 s ({4 * timeout + 1:g} s): a refresh asks the nodes four "
+                      "questions one after the other, each waiting up to the timeout, then reads Redis")
     integer("celery_monitor_prometheus_scrape_interval", 1, 3600)
     if not re.fullmatch(r"[1-9][0-9]{0,5}(ms|s|m|h|d|w|y)", str(settings.get("celery_monitor_prometheus_retention"))):
         errors.append("celery_monitor_prometheus_retention must be a Prometheus duration such as 15d, 12h or 2w; "
@@ -1119,6 +1124,7 @@ def monitor_errors(settings):
     integer("celery_monitor_alert_queue_ready", 1, 10**12)
     number("celery_monitor_alert_queue_age", 0, 10**7, low_open=True)
     number("celery_monitor_alert_failure_ratio", 0, 1, low_open=True)
+    integer("celery_monitor_alert_failure_min_runs", 1, 10**9)
     ratio = number("celery_monitor_alert_broker_memory_ratio", 0, 1, low_open=True)
     if ratio == 1:
         errors.append("celery_monitor_alert_broker_memory_ratio must be below 1 (at the cap it is too late)")
@@ -1168,7 +1174,10 @@ def fleet_capacity(fleet, measured, window_seconds):
         arrival = received / window
         mean = runtime / finished if finished > 0 else None
         needed = arrival * mean if mean is not None else None
-        per_host = slots / len(hosts) if hosts and slots else None
+        # Slots per host from the hosts whose nodes answered: an offline host gives no slot, and counting it would
+        # halve what a host of the group holds (and double the hosts needed).
+        serving = {node["host"] for node in members if node.get("host") and node.get("concurrency")}
+        per_host = slots / len(serving) if serving and slots else None
         rows.append({
             "group": group, "queues": sorted({queue for node in members for queue in node.get("queues") or []}),
             "arrival_per_second": round(arrival, 3), "mean_seconds": None if mean is None else round(mean, 3),

@@ -219,10 +219,20 @@ def status(app, queues, destination=None, timeout=1.0):
                                         limit=len(nodes) if nodes else None)
         return getattr(inspector, method)() or {}
 
+    def ask_all(method, nodes):
+        # kombu's collect counts every message on the reply queue against the limit, a late reply to an earlier
+        # broadcast too (kombu/pidbox.py, Mailbox._collect): a node that answered stats after its timeout could
+        # take a real reply's place. The nodes missing from the answer are asked once more.
+        replies = ask(method, nodes)
+        missing = [node for node in nodes if node not in replies]
+        return replies | (ask(method, missing) if missing else {})
+
     stats = ask("stats", destination)
     answered = sorted(stats)
     if answered:
-        active, reserved, consuming = (ask(method, answered) for method in ("active", "reserved", "active_queues"))
+        # Reserved before active, as the pending action asks: a task moves from reserved to active, never back.
+        reserved, active, consuming = (ask_all(method, answered)
+                                       for method in ("reserved", "active", "active_queues"))
     else:
         active, reserved, consuming = {}, {}, {}
     nodes = {}
@@ -261,7 +271,7 @@ def _status_from_redis(channel, client, queues, nodes):
             by_queue[queue][str(priority)] = client.llen(name)
             # kombu pushes on the left and consumes from the right: the right end is the next one out. Its
             # delivery tag lets a caller that asks again see how long it has waited (messages carry no time).
-            oldest[queue][str(priority)] = _delivery_tag(client.lindex(name, -1)) if by_queue[queue][str(priority)] else None
+            oldest[queue][str(priority)] = _oldest_tag(client, name) if by_queue[queue][str(priority)] else None
     unacked = dict.fromkeys(queues, 0)
     try:
         for _tag, payload in client.hscan_iter(channel.unacked_key, count=1000):
@@ -283,6 +293,17 @@ def _status_from_redis(channel, client, queues, nodes):
         for queue in sorted(set(queues) | set(unacked or {}))
     }
     return {"nodes_status": nodes, "queues_status": queues_status}
+
+
+def _oldest_tag(client, name):
+    """The delivery tag of the next message out of list `name`, or None where the broker's ACL predates LINDEX
+    (a running Redis applies its users file at its next restart): depth is still known, the age is not."""
+    try:
+        return _delivery_tag(client.lindex(name, -1))
+    except Exception as error:  # noqa: BLE001 - NOPERM only; anything else is the broker's failure
+        if "permission" not in str(error).lower():
+            raise
+        return None
 
 
 def _delivery_tag(payload):

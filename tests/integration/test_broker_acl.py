@@ -189,3 +189,17 @@ def test_transactions_come_back_from_the_aof_after_a_kill(tmp_path):
         process.terminate()
         log = process.communicate(timeout=10)[0]
     assert "NOPERM" not in log and "AOF-loading-client" not in log, log[-2000:]
+
+
+def test_the_monitoring_user_s_rotated_password_replaces_the_old_one_at_once(broker):
+    """What the broker role sends a running Redis (ACL SETUSER with the users file's monitoring line): after a
+    rotation only the new password logs in, and the user may read INFO but no key."""
+    port, admin = broker
+    for password in ("monitor-old-password", "monitor-new-password"):
+        rule = cf.redis_acl("celery", PASSWORD, "celery-admin", ADMIN_PASSWORD, False, "celery-monitor", password)[-1]
+        assert admin.execute_command("ACL", "SETUSER", *rule.split()[1:]) in (b"OK", "OK")
+    assert redis.Redis(port=int(port), username="celery-monitor", password="monitor-new-password").info("memory")
+    with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ResponseError)):
+        redis.Redis(port=int(port), username="celery-monitor", password="monitor-old-password").ping()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis(port=int(port), username="celery-monitor", password="monitor-new-password").llen("default")

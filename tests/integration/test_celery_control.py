@@ -357,6 +357,12 @@ def test_status_counts_every_priority_sub_list_and_the_unacked_per_queue(worker)
         oldest = queues["default"]["oldest_by_priority"]
         assert oldest["6"] is None and all(len(oldest[p]) == 36 for p in ("0", "3", "9")), oldest
         assert len(set(oldest.values()) - {None}) == 3
+        # The next one out is the first one sent: kombu pushes on the left and pops on the right.
+        import redis
+        client = redis.Redis.from_url(worker.conf.broker_url)
+        stored = [json.loads(raw)["properties"]["delivery_tag"] for raw in client.lrange("default", 0, -1)]
+        assert len(stored) == 3 and oldest["0"] == stored[-1] != stored[0], (oldest, stored)
+        client.close()
         assert (node["active"], node["reserved"], node["concurrency"], node["pool"]) == (1, 1, 1, "thread"), node
         assert node["queues"] == ["priority"] and node["uptime"] >= 0 and node["processed"] >= 0
     finally:
@@ -365,3 +371,27 @@ def test_status_counts_every_priority_sub_list_and_the_unacked_per_queue(worker)
     assert celery_control.wait_drained(worker, [NODE], wait=20)["drained"] is True
     after = celery_control.status(worker, ["default", "priority"])["queues_status"]
     assert after["default"]["ready"] == 0 and after["priority"]["unacked"] == 0, after
+
+
+def test_status_on_a_broker_whose_acl_predates_lindex_and_hscan_still_counts_the_queues(broker_url, worker):
+    """A running Redis applies its users file at its next restart: until then a client user without LINDEX and
+    HSCAN gets the depths, and None (unknown) for the oldest message and the unacknowledged count."""
+    import redis
+    from celery import Celery
+
+    admin = redis.Redis.from_url(broker_url)
+    admin.execute_command("ACL", "SETUSER", "oldacl", "on", ">oldacl-pw", "~*", "&*", "+@all", "-lindex", "-hscan")
+    host_port = broker_url.split("@")[-1].split("//")[-1].split("/")[0]
+    old = Celery("unit-test-old-acl", broker=f"redis://oldacl:oldacl-pw@{host_port}/0")
+    celery_control.run(worker, "cancel_consumer", destination=[NODE], queue="default", timeout=2)
+    try:
+        worker.send_task("celery_fleet_app.tasks.benchmark_task", args=[1], queue="default", priority=3)
+        queues = celery_control.status(old, ["default"])["queues_status"]
+        assert queues["default"]["by_priority"]["3"] == 1 and queues["default"]["ready"] == 1, queues
+        assert queues["default"]["oldest_by_priority"]["3"] is None and queues["default"]["unacked"] is None, queues
+    finally:
+        celery_control.run(worker, "add_consumer", destination=[NODE], queue="default", timeout=2)
+        old.close()
+        admin.execute_command("ACL", "DELUSER", "oldacl")
+        admin.close()
+    assert celery_control.wait_drained(worker, [NODE], wait=20)["drained"] is True

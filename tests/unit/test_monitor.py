@@ -8,7 +8,7 @@ import celery_fleet_exporter as exporter
 
 GOOD = {
     "celery_monitor_exporter_address": "127.0.0.1", "celery_monitor_exporter_port": 9808,
-    "celery_monitor_exporter_interval": 10, "celery_monitor_exporter_timeout": 2,
+    "celery_monitor_exporter_interval": 10, "celery_monitor_exporter_timeout": 1.5,
     "celery_monitor_exporter_deadline": 8, "celery_monitor_flower": True,
     "celery_monitor_flower_address": "0.0.0.0", "celery_monitor_flower_port": 5555,
     "celery_monitor_flower_user": "admin", "celery_monitor_flower_password": "a-strong/pass%word#1",
@@ -17,6 +17,7 @@ GOOD = {
     "celery_monitor_prometheus_retention": "15d", "celery_monitor_redis_exporter_port": 9121,
     "celery_monitor_alert_minutes": 5, "celery_monitor_alert_queue_ready": 1000,
     "celery_monitor_alert_queue_age": 300, "celery_monitor_alert_failure_ratio": 0.05,
+    "celery_monitor_alert_failure_min_runs": 20,
     "celery_monitor_alert_broker_memory_ratio": 0.9,
 }
 
@@ -27,21 +28,24 @@ def test_good_settings_pass():
 
 
 @pytest.mark.parametrize("variable, value, words", [
-    ("celery_monitor_exporter_port", 0, "from 1 to 65535"),
-    ("celery_monitor_exporter_port", 70000, "from 1 to 65535"),
+    ("celery_monitor_exporter_port", 0, "from 1024 to 65535"),
+    ("celery_monitor_exporter_port", 70000, "from 1024 to 65535"),
+    ("celery_monitor_flower_port", 443, "from 1024 to 65535"),  # unprivileged services, no capability
     ("celery_monitor_exporter_port", True, "got true"),
-    ("celery_monitor_exporter_port", "9808; rm -rf /", "from 1 to 65535"),
+    ("celery_monitor_exporter_port", "9808; rm -rf /", "from 1024 to 65535"),
     ("celery_monitor_flower_port", 9090, "celery_monitor_prometheus_port and celery_monitor_flower_port must differ"),
     ("celery_monitor_exporter_address", "localhost", "must be an IP address"),
-    ("celery_monitor_flower_address", "0.0.0.0 ", None),
+    ("celery_monitor_flower_address", "0.0.0.0 ", "must be an IP address"),  # given to Flower as written
     ("celery_monitor_exporter_interval", 0, "from 1 up to 3600"),
-    ("celery_monitor_exporter_deadline", 2, "must be above celery_monitor_exporter_timeout"),
+    ("celery_monitor_exporter_deadline", 2, "must be at least 4 x celery_monitor_exporter_timeout + 1 s (7 s)"),
+    ("celery_monitor_exporter_deadline", 6.9, "four questions one after the other"),
     ("celery_monitor_exporter_timeout", "nan", "from 0.1 up to 60"),
     ("celery_monitor_prometheus_retention", "15 days", "a Prometheus duration"),
     ("celery_monitor_prometheus_retention", "0d", "a Prometheus duration"),
     ("celery_monitor_alert_failure_ratio", 0, "above 0 up to 1"),
     ("celery_monitor_alert_failure_ratio", 1.5, "above 0 up to 1"),
     ("celery_monitor_alert_broker_memory_ratio", 1, "must be below 1"),
+    ("celery_monitor_alert_failure_min_runs", 0, "from 1 to 1000000000"),
     ("celery_monitor_alert_queue_ready", 10**13, "from 1 to 1000000000000"),
     ("celery_monitor_flower_max_tasks", 10**9, "from 100 to 10000000"),
     ("celery_monitor_flower_user", "ad:min", "celery_monitor_flower_user must be a user name"),
@@ -51,9 +55,6 @@ def test_good_settings_pass():
 ])
 def test_bad_settings_are_named_with_what_is_allowed(variable, value, words):
     errors = cf.monitor_errors(dict(GOOD, **{variable: value}))
-    if words is None:  # leading or trailing space around an address is tolerated
-        assert errors == []
-        return
     assert len(errors) == 1 and variable in errors[0] and words in errors[0], errors
     assert "a-strong" not in errors[0]  # never the password
 
@@ -86,7 +87,8 @@ def test_listen_and_scrape_addresses(address, local, expected):
 def test_the_monitoring_user_reads_server_facts_and_no_key():
     lines = cf.redis_acl("celery", "c" * 20, "celery-admin", "a" * 20, False, "celery-monitor", "m" * 20)
     monitor = lines[-1].split()
-    assert monitor[:3] == ["user", "celery-monitor", "on"] and monitor[3] == "#" + cf._sha256("m" * 20)
+    # resetpass before the hash: ACL SETUSER on a running Redis replaces a rotated password instead of adding one.
+    assert monitor[:5] == ["user", "celery-monitor", "on", "resetpass", "#" + cf._sha256("m" * 20)]
     assert "resetkeys" in monitor and "resetchannels" in monitor and "-@all" in monitor
     assert not any(word.startswith(("~", "&", "%")) for word in monitor), "the monitoring user may touch no key"
     granted = {word[1:] for word in monitor if word.startswith("+")}
@@ -191,6 +193,15 @@ def test_capacity_is_the_seed_s_sizing_rule_per_group():
     assert rows["batch"]["arrival_per_second"] == 0.0
     with pytest.raises(ValueError, match="window must be above 0"):
         cf.fleet_capacity(FLEET, measured, 0)
+
+
+def test_capacity_counts_slots_per_host_from_the_hosts_that_answered():
+    # web2 offline (no concurrency): web1's 8 slots are one host's, so 24 slots need 3 hosts, not 6.
+    fleet = {"nodes": [dict(node, concurrency=None) if node["host"] == "web2" else node for node in FLEET["nodes"]]}
+    measured = {"received": {"web-worker@web1": 18000}, "runtime_sum": {"web-worker@web1": 14400},
+                "runtime_count": {"web-worker@web1": 18000}}
+    web = {row["group"]: row for row in cf.fleet_capacity(fleet, measured, 600)}["web"]
+    assert (web["slots"], web["hosts"], web["slots_per_host"], web["hosts_needed"]) == (8, 2, 8.0, 3), web
 
 
 def test_capacity_reads_prometheus_s_vectors_as_they_come():

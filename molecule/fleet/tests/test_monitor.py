@@ -101,6 +101,13 @@ def test_flower_refuses_without_credentials_and_its_metrics_parse(flower_url):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(wrong, timeout=10)
     assert refused.value.code == 401
+    # Read-only (celery_monitor_flower_read_only): with the password, the control API is refused. (Revoking an id
+    # no task has would change nothing, were it accepted.)
+    revoke = urllib.request.Request(f"{flower_url}/api/task/revoke/00000000-0000-0000-0000-000000000000",
+                                    data=b"", method="POST", headers={"Authorization": f"Basic {token}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(revoke, timeout=10)
+    assert refused.value.code == 403, refused.value.read()
     # (Flower 2.2 serves /metrics without auth: the README says to bind it where only operators reach it.)
     with urllib.request.urlopen(f"{flower_url}/metrics", timeout=10) as response:
         families = {family.name for family in text_string_to_metric_families(response.read().decode())}

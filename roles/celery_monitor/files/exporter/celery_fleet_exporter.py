@@ -69,7 +69,7 @@ def load_config(path):
     config.setdefault("transport_options", {})
     config.setdefault("min_online", None)
     config.setdefault("interval", 10.0)
-    config.setdefault("timeout", 2.0)
+    config.setdefault("timeout", 1.5)
     config.setdefault("deadline", 8.0)
     config.setdefault("listen", "127.0.0.1")
     config.setdefault("port", 9808)
@@ -256,6 +256,7 @@ def flower(config_path):
     os.environ["FLOWER_ADDRESS"] = str(options.get("address", "127.0.0.1"))
     os.environ["FLOWER_PORT"] = str(options.get("port", 5555))
     os.environ["FLOWER_MAX_TASKS"] = str(options.get("max_tasks", 10000))
+    os.environ["FLOWER_READ_ONLY"] = str(bool(options.get("read_only", True))).lower()
     # Workers that went away leave no metrics behind for ever (Flower's gauges per worker).
     os.environ["FLOWER_PURGE_OFFLINE_WORKERS"] = str(options.get("purge_offline_workers", 600))
     sys.argv = ["celery", "--app", "celery_fleet_exporter:flower_app", "flower"]
