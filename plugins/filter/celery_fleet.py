@@ -6,6 +6,7 @@ YAML only orchestrates.
 """
 
 import hashlib
+import math
 import re
 
 NVIDIA_SMI_LINE = re.compile(r"^GPU (?P<index>\d+): .*?(?:\(UUID: (?P<uuid>[^)]+)\))?\s*$")
@@ -455,10 +456,17 @@ def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeo
     than ITS visibility timeout, and the shortest one among the clients wins.
 
     visibility_timeout 0: max(3600, the fleet's longest hard time limit + margin).
+
+    unacked_mutex_expire: the lock a client takes to put back messages past their visibility timeout
+    (kombu's QoS.restore_visible, run by every polling client, the control calls and the monitor's exporter too)
+    expires after this. kombu's default, 300 s, is how long a client killed while it held the lock (a control call
+    ended at its deadline while the broker was frozen: the lock's SET is applied when Redis thaws) stops every
+    restore; a restore of unacked_restore_limit messages takes milliseconds, or a few socket timeouts at worst.
     """
     computed = int(visibility_timeout) or max(3600, int(fleet_time_limit) + int(margin))
     return {"visibility_timeout": computed, "socket_timeout": float(socket_timeout),
-            "socket_connect_timeout": float(socket_timeout), "socket_keepalive": True}
+            "socket_connect_timeout": float(socket_timeout), "socket_keepalive": True,
+            "unacked_mutex_expire": max(30, 3 * math.ceil(float(socket_timeout)))}
 
 
 # --- The operator's application: what the release's check found, judged --------------------------------

@@ -153,7 +153,7 @@ def test_consumer_actions_fail_when_a_named_node_does_not_answer(worker):
 # --- Bounded calls and the fleet's transport options (what every client of the fleet must use) ---------
 
 FLEET_OPTIONS = {"visibility_timeout": 4500, "socket_timeout": 2.0, "socket_connect_timeout": 2.0,
-                 "socket_keepalive": True}
+                 "socket_keepalive": True, "unacked_mutex_expire": 30}
 
 
 @pytest.fixture
