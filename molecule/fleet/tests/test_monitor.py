@@ -40,9 +40,16 @@ def flower_url(monitor):
 def test_the_monitor_services_run_and_prometheus_scrapes_every_target(monitor):
     for unit in ("celery-fleet-exporter", "celery-fleet-flower", "prometheus", "prometheus-redis-exporter"):
         assert monitor.service(unit).is_running, unit
-    targets = wait_for(lambda: (lambda found: found if len(found) == 4 and all(v == 1 for v in found.values())
-                                else None)({labels["job"]: value for labels, value in promql("up")}),
-                       30, "every target up")
+    seen = []
+
+    def every_target_up():
+        seen.append({labels["job"]: value for labels, value in promql("up")})
+        return seen[-1] if len(seen[-1]) == 4 and all(value == 1 for value in seen[-1].values()) else None
+
+    try:
+        targets = wait_for(every_target_up, 60, "every target up")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; up by job, last seen: {seen[-1:]}") from None
     assert set(targets) == {"celery-fleet", "redis", "flower", "prometheus"}
     # Redis's exporter logs in as the read-only monitoring user: the broker answers, no permission error.
     assert [value for _, value in promql("redis_up")] == [1.0]
