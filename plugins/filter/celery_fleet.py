@@ -6,7 +6,6 @@ YAML only orchestrates.
 """
 
 import hashlib
-import math
 import re
 
 NVIDIA_SMI_LINE = re.compile(r"^GPU (?P<index>\d+): .*?(?:\(UUID: (?P<uuid>[^)]+)\))?\s*$")
@@ -450,6 +449,9 @@ def fleet_queues(hosts_vars, defaults, profiles, spec):
     return {profile: sorted(names) for profile, names in sorted(queues.items())}
 
 
+UNACKED_MUTEX_EXPIRE = 30
+
+
 def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeout):
     """kombu's Redis transport options for the fleet: every client (workers, the control module, the load
     tools) uses these, since any client that polls the broker restores unacknowledged messages older
@@ -461,12 +463,13 @@ def transport_options(fleet_time_limit, visibility_timeout, margin, socket_timeo
     (kombu's QoS.restore_visible, run by every polling client, the control calls and the monitor's exporter too)
     expires after this. kombu's default, 300 s, is how long a client killed while it held the lock (a control call
     ended at its deadline while the broker was frozen: the lock's SET is applied when Redis thaws) stops every
-    restore; a restore of unacked_restore_limit messages takes milliseconds, or a few socket timeouts at worst.
+    restore. The lock only saves work: each message is put back in a transaction that WATCHes the unacked hash
+    (kombu's QoS.restore_by_tag), so two clients restoring at once cannot deliver a message twice.
     """
     computed = int(visibility_timeout) or max(3600, int(fleet_time_limit) + int(margin))
     return {"visibility_timeout": computed, "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(socket_timeout), "socket_keepalive": True,
-            "unacked_mutex_expire": max(30, 3 * math.ceil(float(socket_timeout)))}
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE}
 
 
 # --- The operator's application: what the release's check found, judged --------------------------------
