@@ -1139,6 +1139,13 @@ def monitor_errors(settings):
     ratio = number("celery_monitor_alert_broker_memory_ratio", 0, 1, low_open=True)
     if ratio == 1:
         errors.append("celery_monitor_alert_broker_memory_ratio must be below 1 (at the cap it is too late)")
+    overrides = settings.get("celery_monitor_service_overrides", {})
+    if not isinstance(overrides, dict) or any(
+            not re.fullmatch(r"[A-Z][A-Za-z0-9]{1,63}", str(name)) or isinstance(value, (dict, list))
+            or re.search(r"[\x00-\x1f\x7f]", str(value)) for name, value in (overrides or {}).items()):
+        errors.append("celery_monitor_service_overrides must map systemd [Service] directive names (letters and "
+                      "digits, such as PrivateUsers) to one-line values; got "
+                      f"{_show(overrides if not isinstance(overrides, dict) else sorted(map(str, overrides)))}")
     if flower:
         integer("celery_monitor_flower_max_tasks", 100, 10**7)
         user = settings.get("celery_monitor_flower_user")

@@ -24,6 +24,7 @@ GOOD = {
 
 def test_good_settings_pass():
     assert cf.monitor_errors(GOOD) == []
+    assert cf.monitor_errors(dict(GOOD, celery_monitor_service_overrides={"PrivateUsers": "no", "MemoryMax": "2G"})) == []
     assert cf.monitor_errors(dict(GOOD, celery_monitor_exporter_port="9808")) == []  # as the inventory may give it
 
 
@@ -46,6 +47,9 @@ def test_good_settings_pass():
     ("celery_monitor_alert_failure_ratio", 1.5, "above 0 up to 1"),
     ("celery_monitor_alert_broker_memory_ratio", 1, "must be below 1"),
     ("celery_monitor_alert_failure_min_runs", 0, "from 1 to 1000000000"),
+    ("celery_monitor_service_overrides", {"PrivateUsers": "no\nExecStartPre=/bin/evil"}, "one-line values"),
+    ("celery_monitor_service_overrides", {"Exec Start": "x"}, "directive names"),
+    ("celery_monitor_service_overrides", ["PrivateUsers=no"], "must map systemd [Service] directive names"),
     ("celery_monitor_alert_queue_ready", 10**13, "from 1 to 1000000000000"),
     ("celery_monitor_flower_max_tasks", 10**9, "from 100 to 10000000"),
     ("celery_monitor_flower_user", "ad:min", "celery_monitor_flower_user must be a user name"),

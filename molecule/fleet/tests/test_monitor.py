@@ -68,8 +68,8 @@ def test_the_alert_rules_pass_promtool_s_tests(monitor):
     names = {rule["name"] for group in json.loads(monitor_get("http://127.0.0.1:9090/api/v1/rules")[1])["data"][
         "groups"] for rule in group["rules"]}
     assert names == {"CeleryFleetGroupBelowMinimum", "CeleryFleetGroupDegraded", "CeleryFleetQueueBacklog",
-                     "CeleryFleetQueueOldestMessage", "CeleryFleetTaskFailureRatio", "CeleryFleetBrokerDown",
-                     "CeleryFleetBrokerMemoryHigh"}, names
+                     "CeleryFleetQueueOldestMessage", "CeleryFleetTaskFailureRatio", "CeleryFleetFlowerDown",
+                     "CeleryFleetBrokerDown", "CeleryFleetBrokerMemoryHigh"}, names
 
 
 def test_the_exporter_answers_scrapes_from_its_last_refresh(monitor):
