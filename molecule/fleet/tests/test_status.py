@@ -168,3 +168,17 @@ print(json.dumps([result.get(timeout=30) for result in results]))
         "batch": (1, 4), "gpu": (1, 2), "web": (2, 16)}, rows
     assert rows["batch"]["arrival_per_second"] > 0 and rows["batch"]["hosts_needed"] >= 1, rows["batch"]
     print("capacity:", rows)
+
+
+def test_status_keeps_its_table_when_the_monitor_s_prometheus_is_down(tmp_path):
+    """The capacity view is the monitor's; the table is the fleet's: with Prometheus stopped on monitor1 the run
+    still succeeds and shows every node, with no capacity view (null in the JSON)."""
+    monitor = lab_host("monitor1")
+    monitor.check_output("systemctl stop prometheus")
+    try:
+        fleet, output = status(tmp_path, "prometheus-down")
+    finally:
+        monitor.check_output("systemctl start prometheus")
+    assert fleet["capacity"] is None, fleet["capacity"]
+    assert {node["node"] for node in fleet["nodes"]} == set(EXPECTED_NODES), fleet["nodes"]
+    assert "CAPACITY" not in output and "in service" in output, output[-3000:]
