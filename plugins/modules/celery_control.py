@@ -282,7 +282,7 @@ def _status_from_redis(channel, client, queues, nodes):
             key = routing_key.decode() if isinstance(routing_key, bytes) else routing_key
             unacked[key] = unacked.get(key, 0) + 1
     except Exception as error:  # noqa: BLE001 - NOPERM: a broker still running an ACL from before status
-        if "permission" not in str(error).lower():
+        if not _refused_by_acl(error):
             raise
         unacked = None  # unknown: the broker's users file is applied at its next restart
     queues_status = {
@@ -301,9 +301,15 @@ def _oldest_tag(client, name):
     try:
         return _delivery_tag(client.lindex(name, -1))
     except Exception as error:  # noqa: BLE001 - NOPERM only; anything else is the broker's failure
-        if "permission" not in str(error).lower():
+        if not _refused_by_acl(error):
             raise
         return None
+
+
+def _refused_by_acl(error):
+    """Whether a Redis error is NOPERM: the command is not in the user's ACL (redis-py: "... has no permissions
+    to run ..."). The module imports no redis exception class, so the message decides."""
+    return "permission" in str(error).lower()
 
 
 def _delivery_tag(payload):
