@@ -102,10 +102,17 @@ class Fleet:
                                    self.allowed_out, load.starts)
         # Acknowledgements lost with a connection: these tasks run again after the visibility timeout.
         report["unacked_left"] = len(fleetload.unacked_tokens(self.client, load.ledger.key))
+        queues = sorted({queue for queues in self.nodes.values() for queue in queues})
+        report["lost_whereabouts"] = fleetload.whereabouts(self.client, load.ledger.key, report["lost_tokens"],
+                                                           queues, load.starts)
+        sent_to = {task["token"]: task["queue"] for task in load.producer.sent}
+        report["lost_queues"] = {token: sent_to[token] for token in report["lost_tokens"]}
         report["send_failures"] = len(load.producer.send_failures)
         report["monitor_errors"] = len(load.monitor.errors)
+        report["monitor_retries"] = load.monitor.retries
         summary = {key: report[key] for key in ("sent", "completed", "lost", "duplicates", "started_again",
                                                 "redelivered", "unknown", "unacked_left", "send_failures", "monitor_errors",
+                                                "lost_whereabouts", "monitor_retries",
                                                 "sent_per_queue", "ran_per_node", "ran_per_release",
                                                 "max_out_of_service", "allowed_out_of_service", "samples")}
         summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
@@ -133,14 +140,23 @@ class Fleet:
         return seen
 
 
-def assert_every_task_ran_exactly_once(fleet, report, minimum=100, duplicates_allowed=0, lost_allowed=0):
+def assert_every_task_ran_exactly_once(fleet, report, minimum=100, duplicates_allowed=0, lost_allowed=0,
+                                       in_flight_to=()):
+    """lost_allowed: tasks a fault may lose in the Redis transport's delivery window, and only those: sent to one
+    of `in_flight_to` (the queues of the node the fault hit), never started, in no queue and not unacknowledged
+    (see fleetload.whereabouts). Each BRPOP connection of that node can lose at most one."""
     assert report["sent"] >= minimum, f"the producer sent only {report['sent']} tasks"
     assert set(report["sent_per_queue"]) == {"default", "priority", "batch", "ml"}, report["sent_per_queue"]
     counts = (report["lost"], report["duplicates"], report["started_again"], report["unknown"])
-    assert report["lost"] <= lost_allowed and report["unknown"] == 0 and max(counts[1:3]) <= duplicates_allowed, (
-        f"{report['lost']} task(s) lost {report['lost_tokens']}, {report['duplicates']} run twice "
-        f"{report['duplicated_tokens']}, {report['started_again']} started again {report['started_again_tokens']}, "
-        f"{report['unknown']} unknown, of {report['sent']} sent")
+    in_window = [token for token in report["lost_tokens"]
+                 if report["lost_whereabouts"][token] == "nowhere" and report["lost_queues"][token] in in_flight_to]
+    assert (report["lost"] == len(in_window) <= lost_allowed and report["unknown"] == 0
+            and max(counts[1:3]) <= duplicates_allowed), (
+        f"{report['lost']} task(s) lost {report['lost_whereabouts']} (queues {report['lost_queues']}), "
+        f"{report['duplicates']} run twice {report['duplicated_tokens']}, {report['started_again']} started again "
+        f"{report['started_again_tokens']}, {report['unknown']} unknown, of {report['sent']} sent")
+    if in_window:
+        print(f"lost in the transport's delivery window (BRPOP before the unacked write, kombu#305): {in_window}")
 
 
 def assert_capacity_kept(report):

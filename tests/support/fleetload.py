@@ -176,6 +176,50 @@ def unacked_tokens(client: FleetClient, ledger_key: str) -> list[str]:
     return sorted(tokens)
 
 
+def queued_tokens(client: FleetClient, ledger_key: str, queues) -> dict:
+    """{token: list name} of the ledger's tasks still waiting in a queue: every priority sub-list of each of
+    `queues`, named as the transport names them."""
+    found = {}
+    broker = client.redis(admin=True)
+    app = client.app("fleetload-queued")
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            names = [channel._q_for_pri(queue, step) for queue in queues for step in channel.priority_steps]
+    finally:
+        app.close()
+    for name in names:
+        for raw in broker.lrange(name, 0, -1):
+            try:
+                args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            if isinstance(args, list) and len(args) == 3 and args[2] == ledger_key:
+                found[args[1]] = name.encode("unicode_escape").decode()
+    return found
+
+
+def whereabouts(client: FleetClient, ledger_key: str, lost: list[str], queues, starts: Counter) -> dict:
+    """Where each lost task is: "unacked" (delivered, waiting for a restore sweep), "queued:<list>" (never
+    consumed), "started N times" (ran and its record never came), or "nowhere": never started and gone from
+    the broker, which only the Redis transport's delivery window explains (BRPOP removes the message on the
+    server; the consumer writes it to the unacked hash afterwards, so a consumer that dies or is cut off in
+    between loses it: kombu#305, celery#7950)."""
+    unacked = set(unacked_tokens(client, ledger_key))
+    queued = queued_tokens(client, ledger_key, queues)
+    places = {}
+    for token in lost:
+        if token in unacked:
+            places[token] = "unacked"
+        elif token in queued:
+            places[token] = f"queued:{queued[token]}"
+        elif starts.get(token):
+            places[token] = f"started {starts[token]} times"
+        else:
+            places[token] = "nowhere"
+    return places
+
+
 def recap(output: str) -> dict:
     """{host: {"ok", "changed", "unreachable", "failed"}} from a playbook's PLAY RECAP (the last one a host has)."""
     return {host: dict(zip(("ok", "changed", "unreachable", "failed"), map(int, counts)))
@@ -362,7 +406,7 @@ class Producer(threading.Thread):
             # has no attribute 'client'), the client-side face of the bug in README "Failure modes".
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                     redis.exceptions.BusyLoadingError, OSError, AttributeError) as error:
-                self.send_failures.append(f"{time.time():.1f} {error!r}")
+                self.send_failures.append(f"{time.time():.1f} {type(error).__name__}: {error}")
                 if self._halt.wait(0.5):
                     return
         self.sent.append({"token": token, "queue": queue, "seconds": seconds, "sent": time.time()})
@@ -385,7 +429,7 @@ class Producer(threading.Thread):
                             self._send(queue)
                     self._halt.wait(0.1)
         except Exception as error:  # noqa: BLE001 - reported by the caller, which fails on it
-            self.errors.append(repr(error))
+            self.errors.append(f"{type(error).__name__}: {error}")
 
     def stop(self):
         self._halt.set()
@@ -408,6 +452,7 @@ class Monitor(threading.Thread):
         self.interval, self.timeout = interval, timeout
         self.samples: list[dict] = []
         self.errors: list[str] = []
+        self.retries: list[str] = []
         self._halt = threading.Event()
 
     def _consumed(self, destination=None, timeout=None, limit=None) -> dict:
@@ -431,8 +476,14 @@ class Monitor(threading.Thread):
             started = time.monotonic()
             try:
                 self.samples.append(self.sample())
-            except Exception as error:  # noqa: BLE001 - a broker hiccup is recorded, the monitor goes on
-                self.errors.append(repr(error))
+            except Exception as first:  # noqa: BLE001 - a broker hiccup is recorded, the monitor goes on
+                # One dropped connection of the monitor's own (its pool reconnects) is tried again at once and
+                # counted; a second failure in a row is an error. Message text kept: redis-py 8's repr drops it.
+                self.retries.append(f"{type(first).__name__}: {first}")
+                try:
+                    self.samples.append(self.sample())
+                except Exception as error:  # noqa: BLE001
+                    self.errors.append(f"{type(error).__name__}: {error}")
             self._halt.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def stop(self):
@@ -463,7 +514,7 @@ def discover_nodes(client: FleetClient, expected: int | None = None, timeout: fl
                     done = bool(replies) and set(hosts or []) <= {node_host(node) for node in replies}
             except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError, OSError) as error:
                 # A broker (re)starting: wait for it, as the nodes do.
-                errors.append(repr(error))
+                errors.append(f"{type(error).__name__}: {error}")
                 time.sleep(1)
                 continue
             if done and (all(replies.values()) or not consuming):

@@ -50,6 +50,12 @@ def consuming_again(fleet, since, timeout=180):
     return round(time.time() - since, 1)
 
 
+def queues_of(fleet, host):
+    """The queues the nodes on `host` consume (what a fault on that host can leave in flight)."""
+    return {queue for node, queues in fleet.nodes.items() if fleetlab.fleetload.node_host(node) == host
+            for queue in queues}
+
+
 def assert_duplicates_spanned(report, *faults):
     """A task that ran twice must have been running (or just ending: its acknowledgement in flight) when
     one of the `faults` (start, end) hit: a duplicate of a task that ended well before it, or began after it,
@@ -311,7 +317,12 @@ def test_a_worker_host_killed_under_load_its_tasks_come_back_after_the_visibilit
     late = [record["finished"] - moments["killed"] for record in report["records"]
             if record["finished"] > moments["killed"] + VISIBILITY_TIMEOUT - 30]
     print(f"web2's tasks: {len(late)} finished elsewhere, the last {max(late, default=0):.1f} s after the kill")
-    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"])
+    # One task may be lost with web2 and no more: kombu's Redis transport takes a message off its queue with BRPOP and
+    # writes to the unacked hash only after the reply has reached the worker (kombu#305, celery#7950), so a host
+    # killed in between loses that one message. web2 runs one instance: one BRPOP connection. The lost task is
+    # checked to be exactly that (never started, in no queue, not unacknowledged, sent to web2's queues).
+    fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"],
+                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web2"))
     # A task web2 had started and never finished ran again; nothing ran twice to completion.
     assert report["duplicates"] == 0, report["duplicated_tokens"]
     assert late and max(late) < VISIBILITY_TIMEOUT + 60, late
@@ -338,13 +349,12 @@ def test_a_worker_cut_from_the_network_for_30_s_consumes_again_and_loses_nothing
     _, _, report = fleet.under_load(cut, "worker web1 cut from the network for 30 s", warmup=10,
                                     durations=FAULT_DURATIONS, rates=FAULT_RATES)
     print(f"web1 consuming again {moments['consuming'] - moments['reconnected']:.1f} s after it was reconnected")
-    # One task of 67 was lost here in one CI run of four (never started, not left unacknowledged); not explained
-    # yet. Candidates: kombu's Redis transport delivers with BRPOP and writes the message to its unacked hash
-    # from the client afterwards, so a reply lost with a cut connection loses the message (kombu#305, "Tasks lost
-    # in redis"); or a run on web1 during the cut whose ledger writes (to the same Redis) failed. Counted and
-    # bounded, not hidden: more than one is a failure.
+    # One task of 67 was lost here in one CI run of four. Redis keeps web1's blocked BRPOP through the cut (it sees
+    # no FIN): the next message of its queues is popped on the server and written to a socket nobody reads, and
+    # kombu writes the unacked entry only once the reply arrives (kombu#305, celery#7950). One per BRPOP
+    # connection, web1 has one: at most one task, never started, in no queue, not unacknowledged.
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"],
-                                                lost_allowed=1)
+                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web1"))
     assert_duplicates_spanned(report, (moments["cut"], moments["consuming"]))
 
 
