@@ -713,6 +713,23 @@ def beat_restart_due(systemctl_show, files):
     return started is None or any(float(entry["mtime"]) > started for entry in files or [])
 
 
+WORKER_TEMPLATE_UNIT = "/etc/systemd/system/celery-worker@.service"
+
+
+def _instance_files(name, config_dir):
+    """The files only instance `name` starts with: its worker options and its drop-in."""
+    return [f"{config_dir}/instances/{name}.env",
+            f"/etc/systemd/system/celery-worker@{name}.service.d/10-celery-fleet.conf"]
+
+
+def changed_instances(changed_paths, names, config_dir):
+    """Names of the instances that start with a file among changed_paths (celery_fleet_files' result): all of
+    them for the template unit, else those whose own files changed."""
+    changed = set(changed_paths or [])
+    return [name for name in names
+            if changed.intersection([WORKER_TEMPLATE_UNIT] + _instance_files(name, config_dir))]
+
+
 def pending_restarts(instances, started, files, config_dir, release_changed):
     """Names of the running instances that do not run with what the host holds now: a file they start
     with (the env files, the template unit, their drop-in) is newer than their start, or the release to
@@ -727,9 +744,7 @@ def pending_restarts(instances, started, files, config_dir, release_changed):
         name = instance["name"]
         if name not in started:
             continue
-        paths = [f"{config_dir}/celery.env", f"{config_dir}/instances/{name}.env",
-                 "/etc/systemd/system/celery-worker@.service",
-                 f"/etc/systemd/system/celery-worker@{name}.service.d/10-celery-fleet.conf"]
+        paths = [f"{config_dir}/celery.env", WORKER_TEMPLATE_UNIT] + _instance_files(name, config_dir)
         if release_changed or any(mtime.get(path, 0) > started[name] for path in paths):
             pending.append(name)
     return pending
@@ -1263,6 +1278,7 @@ class FilterModule:
             "celery_fleet_unit_main_pids": unit_main_pids,
             "celery_fleet_transport_switched": transport_switched,
             "celery_fleet_pending_restarts": pending_restarts,
+            "celery_fleet_changed_instances": changed_instances,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
             "celery_fleet_fleet_queues": fleet_queues,

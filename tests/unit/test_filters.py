@@ -396,3 +396,16 @@ def test_unit_memory_is_read_per_node_from_systemctl_show():
         "gpu-worker-1@gpu1": {"active": True, "memory": "5242880", "memory_max": "infinity"},
         "gpu-worker-2@gpu1": {"active": False, "memory": "[not set]", "memory_max": "1073741824"},
         "gpu-worker-3@gpu1": {}}
+
+
+def test_changed_instances_are_those_whose_own_files_or_the_template_unit_changed():
+    names = ["gpu-1", "gpu-2"]
+    config = "/etc/celery-fleet"
+    assert cf.changed_instances([], names, config) == []
+    assert cf.changed_instances(["/etc/celery-fleet/instances/gpu-2.env", "/usr/local/sbin/celery-fleet"], names,
+                                config) == ["gpu-2"]
+    assert cf.changed_instances(["/etc/systemd/system/celery-worker@gpu-1.service.d/10-celery-fleet.conf"], names,
+                                config) == ["gpu-1"]
+    assert cf.changed_instances(["/etc/systemd/system/celery-worker@.service"], names, config) == names
+    # A name that is a prefix of another does not match the other's files.
+    assert cf.changed_instances(["/etc/celery-fleet/instances/gpu-10.env"], ["gpu-1", "gpu-10"], config) == ["gpu-10"]

@@ -1,0 +1,86 @@
+"""celery_fleet_files (plugins/modules): many files in one module run, changed only when they differ."""
+
+import grp
+import os
+import pwd
+import stat
+
+import pytest
+
+import celery_fleet_files as files  # noqa: E402
+
+OWNER = pwd.getpwuid(os.getuid()).pw_name
+GROUP = grp.getgrgid(os.getgid()).gr_name
+
+
+def params(tmp_path, content="one\n", mode="0640", secret=False, absent=()):
+    return {"directories": [{"path": str(tmp_path / "etc" / "app"), "owner": OWNER, "group": GROUP,
+                             "mode": "0750"}],
+            "files": [{"path": str(tmp_path / "etc" / "app" / "app.env"), "content": content, "owner": OWNER,
+                       "group": GROUP, "mode": mode, "secret": secret}],
+            "absent": [str(path) for path in absent]}
+
+
+def test_a_first_run_creates_then_a_second_changes_nothing_and_keeps_the_time(tmp_path):
+    changed, diffs = files.run(params(tmp_path), check_mode=False)
+    target = tmp_path / "etc" / "app" / "app.env"
+    assert changed == [str(tmp_path / "etc" / "app"), str(target)]
+    assert target.read_text() == "one\n" and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "etc" / "app").stat().st_mode) == 0o750
+    assert diffs == [{"before_header": str(target), "after_header": str(target), "before": "", "after": "one\n"}]
+    mtime = target.stat().st_mtime_ns
+    assert files.run(params(tmp_path), check_mode=False) == ([], [])
+    assert target.stat().st_mtime_ns == mtime
+
+
+def test_a_mode_change_alone_is_fixed_in_place_without_rewriting(tmp_path):
+    files.run(params(tmp_path), check_mode=False)
+    target = tmp_path / "etc" / "app" / "app.env"
+    inode, mtime = target.stat().st_ino, target.stat().st_mtime_ns
+    changed, diffs = files.run(params(tmp_path, mode="0600"), check_mode=False)
+    assert changed == [str(target)] and diffs == []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert (target.stat().st_ino, target.stat().st_mtime_ns) == (inode, mtime)
+
+
+def test_check_mode_reports_and_changes_nothing(tmp_path):
+    files.run(params(tmp_path), check_mode=False)
+    target = tmp_path / "etc" / "app" / "app.env"
+    changed, diffs = files.run(params(tmp_path, content="two\n"), check_mode=True)
+    assert changed == [str(target)] and diffs[0]["before"] == "one\n" and diffs[0]["after"] == "two\n"
+    assert target.read_text() == "one\n"
+    # A path not there yet, and an owner the run would create first: reported, no error, nothing made.
+    fresh = params(tmp_path / "fresh")
+    fresh["files"][0]["owner"] = "celery-fleet-no-such-user"
+    changed, _ = files.run(fresh, check_mode=True)
+    assert len(changed) == 2 and not (tmp_path / "fresh").exists()
+
+
+def test_a_secret_file_never_shows_its_content(tmp_path):
+    _, diffs = files.run(params(tmp_path, content="password=hunter2\n", secret=True), check_mode=False)
+    assert "hunter2" not in repr(diffs)
+    _, diffs = files.run(params(tmp_path, content="password=swordfish\n", secret=True), check_mode=False)
+    assert "hunter2" not in repr(diffs) and "swordfish" not in repr(diffs) and diffs
+
+
+def test_absent_paths_go_first_and_a_directory_goes_whole(tmp_path):
+    old = tmp_path / "old.service.d"
+    old.mkdir()
+    (old / "10.conf").write_text("x")
+    lone = tmp_path / "old.env"
+    lone.write_text("x")
+    changed, _ = files.run(params(tmp_path, absent=[old, lone, tmp_path / "never-there"]), check_mode=False)
+    assert changed[:2] == [str(old), str(lone)] and not old.exists() and not lone.exists()
+
+
+def test_bad_input_is_refused_before_any_change(tmp_path):
+    with pytest.raises(ValueError, match="mode '0999' is not an octal mode"):
+        files.run(params(tmp_path, mode="0999"), check_mode=False)
+    assert not (tmp_path / "etc").exists()  # the directory before the bad file was not made either
+    wrong = params(tmp_path)
+    wrong["files"][0]["owner"] = "celery-fleet-no-such-user"
+    with pytest.raises(ValueError, match="user 'celery-fleet-no-such-user' does not exist"):
+        files.run(wrong, check_mode=False)
+    (tmp_path / "etc" / "app" / "app.env").mkdir(parents=True)
+    with pytest.raises(ValueError, match="exists and is not a regular file"):
+        files.run(params(tmp_path), check_mode=False)
