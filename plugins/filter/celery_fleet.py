@@ -730,6 +730,27 @@ def changed_instances(changed_paths, names, config_dir):
             if changed.intersection([WORKER_TEMPLATE_UNIT] + _instance_files(name, config_dir))]
 
 
+def changed_broker_instances(changed_paths, instances, dropin_format):
+    """Names of the broker instances ([{"name", "unit", "config"}]) whose configuration or unit drop-in
+    (dropin_format % unit) is among changed_paths."""
+    changed = set(changed_paths or [])
+    return [instance["name"] for instance in instances
+            if instance["config"] in changed or dropin_format % instance["unit"] in changed]
+
+
+def services_to_restart(changed_paths, file_services):
+    """{service: [changed paths]} for every service of file_services ([{"path", "services"}], a null path
+    skipped): the handlers a run of celery_fleet_files owes, from the paths it changed."""
+    changed = set(changed_paths or [])
+    owed = {}
+    for entry in file_services:
+        for service in entry["services"]:
+            owed.setdefault(service, [])
+            if entry["path"] and entry["path"] in changed:
+                owed[service].append(entry["path"])
+    return owed
+
+
 def pending_restarts(instances, started, files, config_dir, release_changed):
     """Names of the running instances that do not run with what the host holds now: a file they start
     with (the env files, the template unit, their drop-in) is newer than their start, or the release to
@@ -1279,6 +1300,8 @@ class FilterModule:
             "celery_fleet_transport_switched": transport_switched,
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_changed_instances": changed_instances,
+            "celery_fleet_services_to_restart": services_to_restart,
+            "celery_fleet_changed_broker_instances": changed_broker_instances,
             "celery_fleet_fleet_time_limit": fleet_time_limit,
             "celery_fleet_transport_options": transport_options,
             "celery_fleet_fleet_queues": fleet_queues,

@@ -409,3 +409,23 @@ def test_changed_instances_are_those_whose_own_files_or_the_template_unit_change
     assert cf.changed_instances(["/etc/systemd/system/celery-worker@.service"], names, config) == names
     # A name that is a prefix of another does not match the other's files.
     assert cf.changed_instances(["/etc/celery-fleet/instances/gpu-10.env"], ["gpu-1", "gpu-10"], config) == ["gpu-10"]
+
+
+def test_services_to_restart_lists_every_service_and_the_changed_files_it_starts_with():
+    services = [{"path": "/etc/m.json", "services": ["exporter", "flower"]},
+                {"path": "/etc/default/prometheus", "services": ["prometheus"]},
+                {"path": None, "services": ["exporter", "redis_exporter"]}]  # the CA, without TLS
+    assert cf.services_to_restart([], services) == {"exporter": [], "flower": [], "prometheus": [],
+                                                    "redis_exporter": []}
+    owed = cf.services_to_restart(["/etc/m.json", "/elsewhere"], services)
+    assert owed == {"exporter": ["/etc/m.json"], "flower": ["/etc/m.json"], "prometheus": [], "redis_exporter": []}
+
+
+def test_changed_broker_instances_follow_their_own_configuration_and_drop_in():
+    instances = [{"name": "queues", "unit": "redis-server.service", "config": "/etc/redis/redis.conf"},
+                 {"name": "results", "unit": "redis-server@results.service", "config": "/etc/redis/redis-results.conf"}]
+    dropin = "/etc/systemd/system/%s.d/10-celery-fleet.conf"
+    assert cf.changed_broker_instances([], instances, dropin) == []
+    assert cf.changed_broker_instances(["/etc/redis/redis-results.conf"], instances, dropin) == ["results"]
+    assert cf.changed_broker_instances(["/etc/systemd/system/redis-server.service.d/10-celery-fleet.conf"],
+                                       instances, dropin) == ["queues"]
