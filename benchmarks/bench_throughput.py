@@ -7,6 +7,11 @@ so it uses the fleet's own URLs (TLS included when the broker has it) and transp
 tasks per second and writes a JSON record to benchmarks/results/.
 
     ./fleet bench-throughput --label tls-on --runs 3
+    ./fleet bench-throughput --label vs-bare --runs 3 --compare-bare
+
+With --compare-bare each round runs the fleet, then bare workers (Celery's defaults, started by hand from the same
+release on the same hosts), and the record gives the ratio of the medians and a PNG beside the JSON. Each run also
+records latency percentiles, send to result.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,26 +30,96 @@ PROJECT = Path(__file__).resolve().parents[1]
 # Run on the lab host as the celery user, from the release (never the current directory), with the fleet's settings.
 CLIENT = r'''
 import json, sys, time
+from celery.result import ResultSet
 from celery_fleet_runtime import app
 from celery_fleet_app.tasks import benchmark_task
 count, queue = int(sys.argv[1]), sys.argv[2]
+sent_at, done_at, tasks = {}, {}, []
 start = time.time()
-tasks = [benchmark_task.apply_async((i,), queue=queue) for i in range(count)]
+for i in range(count):
+    before = time.time()
+    task = benchmark_task.apply_async((i,), queue=queue)
+    sent_at[task.id] = before
+    tasks.append(task)
 sent = time.time()
-for task in tasks:
-    task.get(timeout=120)
+# Results as they arrive (the Redis backend's native join), each stamped: latency is send to result.
+ResultSet(tasks).join_native(timeout=300, callback=lambda task_id, value: done_at.__setitem__(task_id, time.time()))
 elapsed = time.time() - start
-print(json.dumps({"tasks": count, "seconds": elapsed, "send_seconds": sent - start, "tasks_per_second": count / elapsed}))
+latency = sorted(done_at[task_id] - sent_at[task_id] for task_id in sent_at)
+def pct(q):
+    return latency[min(len(latency) - 1, int(q * len(latency)))]
+print(json.dumps({"tasks": count, "seconds": elapsed, "send_seconds": sent - start, "tasks_per_second": count / elapsed,
+                  "latency_p50": pct(0.50), "latency_p95": pct(0.95), "latency_p99": pct(0.99)}))
 '''
 
+# A bare worker: Celery's defaults, the operator's app module itself (not the fleet's runtime), the same release venv and
+# the same broker and result URLs (celery.env's CELERY_BROKER_URL and CELERY_RESULT_BACKEND, which Celery reads
+# itself), started by hand as the worker user: no unit, no hardening, no fleet setting.
+BARE = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
+        "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
+        "/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_app worker -Q {queue} -c {concurrency} "
+        "-n bare@{host} --loglevel=WARNING > /tmp/celery-fleet-bare.log 2>&1")
 
-def run_once(host: str, tasks: int, queue: str) -> dict:
+
+def lab(host: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", *command], capture_output=True, text=True,
+                          check=check)
+
+
+def answering(client_host: str, nodes: list[str], timeout: float = 60.0) -> None:
+    """Wait until every node answers ping (asked from the client host with the fleet's app)."""
+    deadline = time.monotonic() + timeout
     script = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
-              "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
-              f"/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue}")
-    done = subprocess.run(["docker", "exec", "-e", f"CLIENT={CLIENT}", f"celery-fleet-lab-{host}", "bash", "-c", script],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+              "setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
+              f"/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_runtime:app inspect ping "
+              f"-d {','.join(nodes)} --timeout 2 --json")
+    while time.monotonic() < deadline:
+        done = lab(client_host, "bash", "-c", script, check=False)
+        if done.returncode == 0 and all(node in done.stdout for node in nodes):
+            return
+        time.sleep(1)
+    sys.exit(f"{nodes} did not answer ping within {timeout:.0f} s")
+
+
+def to_bare(hosts: list[str], client_host: str, queue: str, concurrency: int) -> None:
+    """Stop the fleet's instances on `hosts` (a warm stop) and start a bare worker on each."""
+    for host in hosts:
+        lab(host, "systemctl", "stop", "celery-workers.target")
+        subprocess.run(["docker", "exec", "-d", f"celery-fleet-lab-{host}", "bash", "-c",
+                        BARE.format(queue=queue, concurrency=concurrency, host=host)], check=True)
+    answering(client_host, [f"bare@{host}" for host in hosts])
+
+
+def to_fleet(hosts: list[str], client_host: str, nodes: list[str]) -> None:
+    """Stop the bare workers (SIGTERM, waited for) and start the fleet's instances again."""
+    for host in hosts:
+        lab(host, "bash", "-c", "pkill -TERM -f 'celery --app celery_fleet_app worker' ; "
+                                "while pgrep -f 'celery --app celery_fleet_app worker' > /dev/null; do sleep 0.2; done",
+            check=False)
+        lab(host, "systemctl", "start", "celery-workers.target")
+    answering(client_host, nodes)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - only when a picture is asked for
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, colour in (("fleet", "tab:blue"), ("bare", "tab:orange")):
+        mine = [run for run in runs if run["mode"] == mode]
+        left.plot([run["round"] for run in mine], [run["tasks_per_second"] for run in mine], "o-", color=colour,
+                  label=mode)
+        for offset, key in enumerate(("latency_p50", "latency_p95", "latency_p99")):
+            right.bar([run["round"] + (offset - 1) * 0.13 + (0.4 if mode == "bare" else 0) for run in mine],
+                      [run[key] for run in mine], width=0.12, color=colour, alpha=0.4 + 0.2 * offset)
+    left.set(xlabel="round", ylabel="tasks/s", title="throughput")
+    left.legend()
+    right.set(xlabel="round (left: fleet, right: bare; p50/p95/p99)", ylabel="s, send to result",
+              title="latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -50,23 +127,48 @@ def main():
     parser.add_argument("--host", default="gpu1", help="lab host the client runs on")
     parser.add_argument("--queue", default="default", help="queue the tasks go to (default: the web group's)")
     parser.add_argument("--tasks", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="runs (with --compare-bare: rounds of one run each)")
     parser.add_argument("--label", default="fleet", help="what this run measures (e.g. tls-on), in the record")
+    parser.add_argument("--compare-bare", action="store_true",
+                        help="alternate with bare workers (Celery's defaults) on the --worker-hosts, same release")
+    parser.add_argument("--worker-hosts", default="web1,web2", help="hosts whose fleet nodes consume --queue")
+    parser.add_argument("--concurrency", type=int, default=8, help="the bare workers' concurrency (the fleet's)")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     args = parser.parse_args()
+    hosts = args.worker_hosts.split(",")
+    fleet_nodes = [f"web-worker@{host}" for host in hosts]
     runs = []
-    for number in range(1, args.runs + 1):
-        result = run_once(args.host, args.tasks, args.queue)
-        runs.append(result)
-        print(f"{args.label} run {number}: {result['tasks']} tasks in {result['seconds']:.2f} s "
-              f"({result['tasks_per_second']:.1f} tasks/s; sent in {result['send_seconds']:.2f} s)", flush=True)
-    median = statistics.median(run["tasks_per_second"] for run in runs)
-    print(f"{args.label}: median {median:.1f} tasks/s over {len(runs)} runs")
+    try:
+        for number in range(1, args.runs + 1):
+            for mode in (("fleet", "bare") if args.compare_bare else ("fleet",)):
+                if mode == "bare":
+                    to_bare(hosts, args.host, args.queue, args.concurrency)
+                result = run_once(args.host, args.tasks, args.queue) | {"mode": mode, "round": number}
+                if mode == "bare":
+                    to_fleet(hosts, args.host, fleet_nodes)
+                runs.append(result)
+                print(f"{args.label} {mode} run {number}: {result['tasks']} tasks in {result['seconds']:.2f} s "
+                      f"({result['tasks_per_second']:.1f} tasks/s; sent in {result['send_seconds']:.2f} s; "
+                      f"p50/p95/p99 {result['latency_p50']:.3f}/{result['latency_p95']:.3f}/"
+                      f"{result['latency_p99']:.3f} s)", flush=True)
+    finally:
+        if args.compare_bare:  # never leave the lab on bare workers
+            to_fleet(hosts, args.host, fleet_nodes)
+    medians = {mode: statistics.median(run["tasks_per_second"] for run in runs if run["mode"] == mode)
+               for mode in {run["mode"] for run in runs}}
+    record = {"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
+              "median_tasks_per_second": medians["fleet"], "medians": medians}
+    if "bare" in medians:
+        record["ratio_fleet_to_bare"] = round(medians["fleet"] / medians["bare"], 3)
+    print(f"{args.label}: median tasks/s {json.dumps(medians)}"
+          + (f", fleet/bare {record['ratio_fleet_to_bare']}" if "bare" in medians else ""))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record["at"] = stamp
     output = Path(args.output) / f"throughput-{args.label}-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
-                                  "median_tasks_per_second": median, "at": stamp}, indent=2) + "\n")
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    if args.compare_bare:
+        plot(runs, output.with_suffix(".png"))
     print(f"record: {output}")
 
 
