@@ -37,10 +37,11 @@ options:
     elements: str
     default: []
   queue:
-    description: Queue to cancel or add, for the consumer actions.
+    description: Queue to cancel or add, for the consumer actions (or give several in I(queues)).
     type: str
   queues:
     description:
+      - For C(cancel_consumer) and C(add_consumer), the queues to cancel or add in one call (instead of I(queue)).
       - For C(wait_consuming), the queues each node of I(destination) must consume, exactly. The call asks every
         I(poll) seconds (each ask waits at most I(timeout)) until they all do or I(wait) seconds have passed, and
         reports C(consuming) and the seconds it took; it fails only on a broker error.
@@ -342,29 +343,34 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
                    "total": len(reserved[node]) + len(active[node])}
             for node in sorted(set(reserved) & set(active))
         }
-    if not queue:
+    queues = [queue] if isinstance(queue, str) else list(queue or [])
+    if not queues:
         raise ValueError(f"queue is required for action {action}")
     # Know who consumes what first, so changed is true only when a consumer really moves.
     before = control.inspect(destination=destination, timeout=timeout).active_queues() or {}
-    consuming = {node: {q["name"] for q in queues} for node, queues in before.items()}
+    consuming = {node: {q["name"] for q in found} for node, found in before.items()}
     # A named node that does not answer is an error, never "nothing to change": a drain that silently
     # cancelled nothing would stop a node that is still consuming.
     silent = sorted(set(destination or []) - set(consuming))
     if silent:
         raise RuntimeError(f"no answer from {', '.join(silent)} within {timeout} s")
-    if action == "cancel_consumer":
-        targets = sorted(node for node, names in consuming.items() if queue in names)
-    else:
-        targets = sorted(node for node, names in consuming.items() if queue not in names)
-    if not targets or check_mode:
-        return bool(targets), {node: {"ok": "would change" if check_mode else "no change"} for node in consuming}
-    if action == "cancel_consumer":
-        replies = _merge(control.cancel_consumer(queue, destination=targets, reply=True, timeout=timeout))
-    else:
-        replies = _merge(control.add_consumer(queue, destination=targets, reply=True, timeout=timeout))
-    unconfirmed = sorted(set(targets) - set(replies))
-    if unconfirmed:
-        raise RuntimeError(f"{action} {queue}: no confirmation from {', '.join(unconfirmed)} within {timeout} s")
+    # One call for several queues: each queue's command goes to the nodes it changes, each confirmed.
+    moves = {name: sorted(node for node, names in consuming.items() if (name in names) == (action == "cancel_consumer"))
+             for name in queues}
+    if not any(moves.values()) or check_mode:
+        return any(moves.values()), {node: {"ok": "would change" if check_mode else "no change"} for node in consuming}
+    command = control.cancel_consumer if action == "cancel_consumer" else control.add_consumer
+    replies = {}
+    for name, targets in moves.items():
+        if not targets:
+            continue
+        confirmed = _merge(command(name, destination=targets, reply=True, timeout=timeout))
+        unconfirmed = sorted(set(targets) - set(confirmed))
+        if unconfirmed:
+            raise RuntimeError(f"{action} {name}: no confirmation from {', '.join(unconfirmed)} within {timeout} s")
+        for node, reply in confirmed.items():
+            replies[node] = ({"ok": f"{replies[node]['ok']}; {reply.get('ok', reply)}"} if node in replies
+                             else reply)
     return True, replies
 
 
@@ -440,7 +446,9 @@ def main():
             "transport_options": {"type": "dict", "default": {}},
             "deadline": {"type": "float", "default": 30.0},
         },
-        required_if=[("action", "cancel_consumer", ["queue"]), ("action", "add_consumer", ["queue"]),
+        mutually_exclusive=[("queue", "queues")],
+        required_if=[("action", "cancel_consumer", ["queue", "queues"], True),
+                     ("action", "add_consumer", ["queue", "queues"], True),
                      ("action", "wait_consuming", ["destination", "queues"]),
                      ("action", "wait_drained", ["destination"])],
         supports_check_mode=True,
@@ -458,8 +466,9 @@ def main():
     elif params["action"] == "wait_drained":
         call = (wait_drained, app, params["destination"], params["wait"], params["timeout"], params["poll"])
     else:
-        call = (run, app, params["action"], params["method"], params["destination"], params["queue"],
-                params["timeout"], module.check_mode)
+        call = (run, app, params["action"], params["method"], params["destination"],
+                params["queues"] if params["action"] in ("cancel_consumer", "add_consumer") and params["queues"]
+                else params["queue"], params["timeout"], module.check_mode)
     try:
         outcome = within(params["deadline"], *call)
     except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator

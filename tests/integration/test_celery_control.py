@@ -87,6 +87,22 @@ def test_cancel_then_add_consumer_moves_the_queue_and_reports_changed_once(worke
     assert queues_of(worker) == {"default", "priority"}
 
 
+def test_several_queues_move_in_one_call_and_only_what_changes_is_sent(worker):
+    assert queues_of(worker) == {"default", "priority"}
+    changed, _ = celery_control.run(worker, "cancel_consumer", queue="priority", destination=[NODE], timeout=1)
+    # One queue already cancelled: the call cancels the other and confirms it.
+    changed, replies = celery_control.run(worker, "cancel_consumer", queue=["default", "priority"], destination=[NODE],
+                                          timeout=1)
+    assert changed is True and "default" in replies[NODE]["ok"] and "priority" not in replies[NODE]["ok"]
+    assert queues_of(worker) == set()
+    changed, replies = celery_control.run(worker, "add_consumer", queue=["default", "priority"], destination=[NODE],
+                                          timeout=1)
+    assert changed is True and "default" in replies[NODE]["ok"] and "priority" in replies[NODE]["ok"]
+    assert queues_of(worker) == {"default", "priority"}
+    assert celery_control.run(worker, "add_consumer", queue=["default", "priority"], destination=[NODE],
+                              timeout=1)[0] is False
+
+
 def test_check_mode_reports_without_changing(worker):
     changed, _ = celery_control.run(worker, "cancel_consumer", queue="default", destination=[NODE],
                                     timeout=1, check_mode=True)
