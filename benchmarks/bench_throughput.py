@@ -61,6 +61,15 @@ BARE = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.en
         "-n bare@{host} --loglevel=WARNING > /tmp/celery-fleet-bare.log 2>&1")
 
 
+def run_once(host: str, tasks: int, queue: str) -> dict:
+    script = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
+              "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
+              f"/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue}")
+    done = subprocess.run(["docker", "exec", "-e", f"CLIENT={CLIENT}", f"celery-fleet-lab-{host}", "bash", "-c", script],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def lab(host: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", *command], capture_output=True, text=True,
                           check=check)
