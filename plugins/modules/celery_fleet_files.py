@@ -109,6 +109,18 @@ def ensure_absent(path, check_mode):
     return True
 
 
+def _set_attributes(path, uid, gid, mode, directory=False):
+    """chown and chmod through a descriptor opened without following a link: a path swapped for a symlink (in a
+    directory a service user can write) never hands the link's target to that user."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fchown(descriptor, uid, gid)
+        os.fchmod(descriptor, mode)
+    finally:
+        os.close(descriptor)
+
+
 def ensure_directory(spec, check_mode):
     path = spec["path"]
     mode = _mode(spec["mode"], path)
@@ -118,17 +130,31 @@ def ensure_directory(spec, check_mode):
     except FileNotFoundError:
         if not check_mode:
             os.makedirs(path, exist_ok=True)
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
+            _set_attributes(path, uid, gid, mode, directory=True)
         return True
     if not stat.S_ISDIR(info.st_mode):
         raise ValueError(f"{path} exists and is not a directory")
     if not _attributes_differ(info, uid, gid, mode):
         return False
     if not check_mode:
-        os.chown(path, uid, gid)
-        os.chmod(path, mode)
+        _set_attributes(path, uid, gid, mode, directory=True)
     return True
+
+
+def _read(path):
+    """(lstat result, content) of a regular file read without following a link, or (None, None)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as error:  # ELOOP: the path is a symlink
+        raise ValueError(f"{path} exists and is not a regular file ({error.strerror})") from error
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise ValueError(f"{path} exists and is not a regular file")
+    with os.fdopen(descriptor, "rb") as handle:
+        return info, handle.read()
 
 
 def ensure_file(spec, check_mode):
@@ -137,16 +163,7 @@ def ensure_file(spec, check_mode):
     mode = _mode(spec["mode"], path)
     uid, gid = _ids(spec["owner"], spec["group"], check_mode, path)
     wanted = spec["content"].encode("utf-8")
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        info = None
-    if info is not None and not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} exists and is not a regular file")
-    before = None
-    if info is not None:
-        with open(path, "rb") as handle:
-            before = handle.read()
+    info, before = _read(path)
     content_differs = before != wanted
     if not content_differs and not _attributes_differ(info, uid, gid, mode):
         return False, None
@@ -155,20 +172,26 @@ def ensure_file(spec, check_mode):
             directory = os.path.dirname(path)
             descriptor, temporary = tempfile.mkstemp(prefix=".celery-fleet-", dir=directory)
             try:
+                # Owner and mode set through the descriptor, before the name is renamed into place.
+                os.fchown(descriptor, uid, gid)
+                os.fchmod(descriptor, mode)
                 with os.fdopen(descriptor, "wb") as handle:
                     handle.write(wanted)
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.chown(temporary, uid, gid)
-                os.chmod(temporary, mode)
+                    written = os.fstat(handle.fileno()).st_ino
                 os.replace(temporary, path)
             except BaseException:
-                if os.path.exists(temporary):
+                if os.path.lexists(temporary):
                     os.unlink(temporary)
                 raise
+            # The name renamed must have been our file: one swapped in its place by someone who can write the
+            # directory is refused loudly (it is now at `path`: the run fails and says so).
+            if os.lstat(path).st_ino != written:
+                raise ValueError(f"{path}: the file renamed into place was not the one written (the directory is "
+                                 "writable by another user); check it by hand")
         else:
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
+            _set_attributes(path, uid, gid, mode)
     diff = None
     if content_differs:
         if spec["secret"]:
@@ -182,12 +205,14 @@ def ensure_file(spec, check_mode):
     return True, diff
 
 
-def run(params, check_mode):
-    """(changed paths, diffs). Every mode, owner and group is checked before anything is changed."""
+def run(params, check_mode, changed=None):
+    """(changed paths, diffs). Every mode, owner and group is checked before anything is changed. `changed` (a
+    list) is filled as paths change, so a caller still knows them when a later path fails."""
     for spec in params["directories"] + params["files"]:
         _mode(spec["mode"], spec["path"])
         _ids(spec["owner"], spec["group"], check_mode, spec["path"])
-    changed, diffs = [], []
+    changed = [] if changed is None else changed
+    diffs = []
     for path in params["absent"]:
         if ensure_absent(path, check_mode):
             changed.append(path)
@@ -228,10 +253,12 @@ def main():
     twice = sorted({path for path in paths if paths.count(path) > 1})
     if twice:
         module.fail_json(msg=f"celery_fleet_files: a path is given more than once: {twice}")
+    done = []
     try:
-        changed, diffs = run(module.params, module.check_mode)
+        changed, diffs = run(module.params, module.check_mode, done)
     except (OSError, ValueError) as error:
-        module.fail_json(msg=f"celery_fleet_files: {error}")
+        # What was changed before the failure is reported: its handlers are still owed.
+        module.fail_json(msg=f"celery_fleet_files: {error}", changed=bool(done), changed_paths=done)
     result = {"changed": bool(changed), "changed_paths": changed}
     if module._diff and diffs:
         result["diff"] = diffs

@@ -107,6 +107,8 @@ class Fleet:
                                                            queues, load.starts)
         sent_to = {task["token"]: task["queue"] for task in load.producer.sent}
         report["lost_queues"] = {token: sent_to[token] for token in report["lost_tokens"]}
+        sent_at = {task["token"]: task["sent"] for task in load.producer.sent}
+        report["lost_sent_at"] = {token: sent_at[token] for token in report["lost_tokens"]}
         report["send_failures"] = len(load.producer.send_failures)
         report["monitor_errors"] = len(load.monitor.errors)
         report["monitor_retries"] = load.monitor.retries
@@ -141,15 +143,17 @@ class Fleet:
 
 
 def assert_every_task_ran_exactly_once(fleet, report, minimum=100, duplicates_allowed=0, lost_allowed=0,
-                                       in_flight_to=()):
+                                       in_flight_to=(), sent_before=float("inf")):
     """lost_allowed: tasks a fault may lose in the Redis transport's delivery window, and only those: sent to one
-    of `in_flight_to` (the queues of the node the fault hit), never started, in no queue and not unacknowledged
-    (see fleetload.whereabouts). Each BRPOP connection of that node can lose at most one."""
+    of `in_flight_to` (the queues of the node the fault hit) before `sent_before` (the fault's end), never started,
+    in no queue and not unacknowledged (see fleetload.whereabouts). Each BRPOP connection of that node can lose
+    at most one."""
     assert report["sent"] >= minimum, f"the producer sent only {report['sent']} tasks"
     assert set(report["sent_per_queue"]) == {"default", "priority", "batch", "ml"}, report["sent_per_queue"]
     counts = (report["lost"], report["duplicates"], report["started_again"], report["unknown"])
     in_window = [token for token in report["lost_tokens"]
-                 if report["lost_whereabouts"][token] == "nowhere" and report["lost_queues"][token] in in_flight_to]
+                 if report["lost_whereabouts"][token] == "nowhere" and report["lost_queues"][token] in in_flight_to
+                 and report["lost_sent_at"][token] <= sent_before]
     assert (report["lost"] == len(in_window) <= lost_allowed and report["unknown"] == 0
             and max(counts[1:3]) <= duplicates_allowed), (
         f"{report['lost']} task(s) lost {report['lost_whereabouts']} (queues {report['lost_queues']}), "

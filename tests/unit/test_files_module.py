@@ -84,3 +84,27 @@ def test_bad_input_is_refused_before_any_change(tmp_path):
     (tmp_path / "etc" / "app" / "app.env").mkdir(parents=True)
     with pytest.raises(ValueError, match="exists and is not a regular file"):
         files.run(params(tmp_path), check_mode=False)
+
+
+def test_a_symlink_in_a_files_place_is_refused_and_its_target_untouched(tmp_path):
+    files.run(params(tmp_path), check_mode=False)
+    target = tmp_path / "etc" / "app" / "app.env"
+    elsewhere = tmp_path / "shadow"
+    elsewhere.write_text("root-only\n")
+    elsewhere.chmod(0o600)
+    target.unlink()
+    target.symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="exists and is not a regular file"):
+        files.run(params(tmp_path), check_mode=False)
+    assert elsewhere.read_text() == "root-only\n" and stat.S_IMODE(elsewhere.stat().st_mode) == 0o600
+
+
+def test_a_failure_still_reports_what_changed_before_it(tmp_path):
+    bad = params(tmp_path)
+    (tmp_path / "etc" / "app").mkdir(parents=True)
+    (tmp_path / "etc" / "app" / "app.env").mkdir()
+    bad["directories"].append({"path": str(tmp_path / "var"), "owner": OWNER, "group": GROUP, "mode": "0750"})
+    done = []
+    with pytest.raises(ValueError):
+        files.run(bad, check_mode=False, changed=done)
+    assert str(tmp_path / "var") in done

@@ -322,7 +322,8 @@ def test_a_worker_host_killed_under_load_its_tasks_come_back_after_the_visibilit
     # killed in between loses that one message. web2 runs one instance: one BRPOP connection. The lost task is
     # checked to be exactly that (never started, in no queue, not unacknowledged, sent to web2's queues).
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"],
-                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web2"))
+                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web2"),
+                                                sent_before=moments["killed"])
     # A task web2 had started and never finished ran again; nothing ran twice to completion.
     assert report["duplicates"] == 0, report["duplicated_tokens"]
     assert late and max(late) < VISIBILITY_TIMEOUT + 60, late
@@ -354,7 +355,8 @@ def test_a_worker_cut_from_the_network_for_30_s_consumes_again_and_loses_nothing
     # kombu writes the unacked entry only once the reply arrives (kombu#305, celery#7950). One per BRPOP
     # connection, web1 has one: at most one task, never started, in no queue, not unacknowledged.
     fleetlab.assert_every_task_ran_exactly_once(fleet, report, minimum=15, duplicates_allowed=report["sent"],
-                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web1"))
+                                                lost_allowed=1, in_flight_to=queues_of(fleet, "web1"),
+                                                sent_before=moments["reconnected"])
     assert_duplicates_spanned(report, (moments["cut"], moments["consuming"]))
 
 
