@@ -27,7 +27,12 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 
-# Run on the lab host as the celery user, from the release (never the current directory), with the fleet's settings.
+# A command line's start on a lab host: as the celery user, from the release (never the current directory), with the
+# fleet's environment (celery.env).
+AS_WORKER = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
+             "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 ")
+
+# The client, run with AS_WORKER and the fleet's settings.
 CLIENT = r'''
 import json, sys, time
 from celery.result import ResultSet
@@ -55,16 +60,12 @@ print(json.dumps({"tasks": count, "seconds": elapsed, "send_seconds": sent - sta
 # A bare worker: Celery's defaults, the operator's app module itself (not the fleet's runtime), the same release venv and
 # the same broker and result URLs (celery.env's CELERY_BROKER_URL and CELERY_RESULT_BACKEND, which Celery reads
 # itself), started by hand as the worker user: no unit, no hardening, no fleet setting.
-BARE = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
-        "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
-        "/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_app worker -Q {queue} -c {concurrency} "
-        "-n bare@{host} --loglevel=WARNING > /tmp/celery-fleet-bare.log 2>&1")
+BARE = (AS_WORKER + "/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_app worker "
+        "-Q {queue} -c {concurrency} -n bare@{host} --loglevel=WARNING > /tmp/celery-fleet-bare.log 2>&1")
 
 
 def run_once(host: str, tasks: int, queue: str) -> dict:
-    script = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
-              "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
-              f"/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue}")
+    script = f"{AS_WORKER}/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue}"
     done = subprocess.run(["docker", "exec", "-e", f"CLIENT={CLIENT}", f"celery-fleet-lab-{host}", "bash", "-c", script],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,9 +79,7 @@ def lab(host: str, *command: str, check: bool = True) -> subprocess.CompletedPro
 def answering(client_host: str, nodes: list[str], timeout: float = 60.0) -> None:
     """Wait until every node answers ping (asked from the client host with the fleet's app)."""
     deadline = time.monotonic() + timeout
-    script = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && set +a && "
-              "setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 "
-              f"/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_runtime:app inspect ping "
+    script = (f"{AS_WORKER}/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_runtime:app inspect ping "
               f"-d {','.join(nodes)} --timeout 2 --json")
     while time.monotonic() < deadline:
         done = lab(client_host, "bash", "-c", script, check=False)

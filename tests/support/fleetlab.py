@@ -105,10 +105,9 @@ class Fleet:
         queues = sorted({queue for queues in self.nodes.values() for queue in queues})
         report["lost_whereabouts"] = fleetload.whereabouts(self.client, load.ledger.key, report["lost_tokens"],
                                                            queues, load.starts)
-        sent_to = {task["token"]: task["queue"] for task in load.producer.sent}
-        report["lost_queues"] = {token: sent_to[token] for token in report["lost_tokens"]}
-        sent_at = {task["token"]: task["sent"] for task in load.producer.sent}
-        report["lost_sent_at"] = {token: sent_at[token] for token in report["lost_tokens"]}
+        sent = {task["token"]: task for task in load.producer.sent}
+        report["lost_queues"] = {token: sent[token]["queue"] for token in report["lost_tokens"]}
+        report["lost_sent_at"] = {token: sent[token]["sent"] for token in report["lost_tokens"]}
         report["send_failures"] = len(load.producer.send_failures)
         report["monitor_errors"] = len(load.monitor.errors)
         report["monitor_retries"] = load.monitor.retries

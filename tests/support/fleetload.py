@@ -158,21 +158,29 @@ def run_playbook_acting(playbook: str, *extra_args: str, inventory, marker: str,
         return process.returncode, re.sub(r"\x1b\[[0-9;]*m", "", output), times
 
 
+def _ledger_token(message: dict, ledger_key: str) -> str | None:
+    """The token of a kombu message (a dict with its base64 `body`) if it is one of this ledger's tasks: the body
+    is Celery's protocol 2 [args, kwargs, embed], and a ledger task's args are [seconds, token, ledger key]."""
+    try:
+        args = json.loads(base64.b64decode(message["body"]))[0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return args[1] if isinstance(args, list) and len(args) == 3 and args[2] == ledger_key else None
+
+
 def unacked_tokens(client: FleetClient, ledger_key: str) -> list[str]:
     """Tokens of the ledger's tasks still in kombu's `unacked` hash: delivered, never acknowledged (their
     acknowledgement was lost with a connection). Redis gives them out again once the visibility timeout
     has passed: each is a run still to come."""
     tokens = []
-    # Each value is kombu's [message, exchange, routing key]; the message body (base64) is Celery's
-    # protocol 2 [args, kwargs, embed], and a ledger task's args are [seconds, token, ledger key].
+    # Each value is kombu's [message, exchange, routing key].
     for raw in client.redis(admin=True).hvals("unacked"):  # HVALS: the admin's, not the clients'
         try:
-            message = json.loads(raw)[0]
-            args = json.loads(base64.b64decode(message["body"]))[0]
-        except (ValueError, KeyError, TypeError, IndexError):
+            token = _ledger_token(json.loads(raw)[0], ledger_key)
+        except (ValueError, TypeError, IndexError, KeyError):
             continue
-        if isinstance(args, list) and len(args) == 3 and args[2] == ledger_key:
-            tokens.append(args[1])
+        if token is not None:
+            tokens.append(token)
     return sorted(tokens)
 
 
@@ -189,13 +197,13 @@ def queued_tokens(client: FleetClient, ledger_key: str, queues) -> dict:
     finally:
         app.close()
     for name in names:
-        for raw in broker.lrange(name, 0, -1):
+        for raw in broker.lrange(name, 0, -1):  # each entry is a kombu message
             try:
-                args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
-            except (ValueError, KeyError, TypeError, IndexError):
+                token = _ledger_token(json.loads(raw), ledger_key)
+            except ValueError:
                 continue
-            if isinstance(args, list) and len(args) == 3 and args[2] == ledger_key:
-                found[args[1]] = name.encode("unicode_escape").decode()
+            if token is not None:
+                found[token] = name.encode("unicode_escape").decode()
     return found
 
 
