@@ -26,15 +26,37 @@ start_engine() {
     systemctl start docker
   else
     # No init system on this machine: run the daemon ourselves.
+    clear_stale_pid_files
     log "starting dockerd (log: /var/log/dockerd.log)"
     nohup dockerd >/var/log/dockerd.log 2>&1 &
   fi
-  for _ in $(seq 60); do
+  for _ in $(seq 120); do
     engine_answers && return
     sleep 1
   done
-  log "dockerd did not answer within 60 s; see /var/log/dockerd.log"
+  log "dockerd did not answer within 120 s; the end of /var/log/dockerd.log:"
+  tail -n 15 /var/log/dockerd.log >&2 || true
   exit 1
+}
+
+# A machine whose processes were killed (a container or sandbox stopped without a shutdown) keeps
+# dockerd's and containerd's pid files. dockerd then refuses to start ("pid file found"), or waits
+# for a containerd that is gone when an unrelated process has since taken the recorded pid
+# ("containerd is still running" followed by "timeout waiting for containerd to start").
+# A pid file is stale unless the process it names is the daemon it belongs to.
+clear_stale_pid_files() {
+  local file daemon pid
+  for file in /var/run/docker.pid:dockerd /var/run/docker/containerd/containerd.pid:containerd; do
+    daemon=${file##*:}
+    file=${file%:*}
+    [ -f "$file" ] || continue
+    pid=$(cat "$file" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(ps -p "$pid" -o comm= 2>/dev/null || true)" = "$daemon" ]; then
+      continue
+    fi
+    log "removing the stale $file (pid '${pid}' is not a running $daemon)"
+    rm -f "$file"
+  done
 }
 
 ensure_image() {
