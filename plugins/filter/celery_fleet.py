@@ -1270,6 +1270,231 @@ def monitor_fleet_hosts(worker_hostvars, worker_hosts):
     return hosts
 
 
+# --- Kubernetes: the same workers as Deployments ---------------------------------------------------------
+# kombu's Redis transport keeps a queue's messages of priority 0 in a list named as the queue and each other
+# priority step in its own list, "<queue>\x06\x16<step>" (kombu/transport/redis.py: PRIORITY_STEPS,
+# Channel.sep, Channel._q_for_pri). tests/unit/test_kubernetes.py checks these against kombu's own.
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
+KUBERNETES_NAME_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+KUBERNETES_CPU_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)?|[0-9]+m")
+KUBERNETES_MEMORY_PATTERN = re.compile(r"[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?")
+
+
+def priority_lists(queue):
+    """Every Redis list kombu keeps the queue's ready messages in: one per priority step."""
+    return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEPARATOR}{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
+def kubernetes_memory(memory_max):
+    """systemd's MemoryMax (bytes with an optional K/M/G/T suffix, base 1024) as a Kubernetes quantity;
+    None for no limit ('' or infinity). A percentage has no Kubernetes meaning: ValueError."""
+    if memory_max in ("", "infinity", None):
+        return None
+    match = re.fullmatch(r"([0-9]+)([KMGT]?)", str(memory_max))
+    if not match:
+        raise ValueError(memory_max)
+    number, suffix = match.groups()
+    return f"{number}{suffix}i" if suffix else number
+
+
+def kubernetes_cpu(cpu_quota):
+    """systemd's CPUQuota ('200%': two CPUs) as a Kubernetes CPU quantity; None for no limit."""
+    if not cpu_quota:
+        return None
+    percent = int(str(cpu_quota).rstrip("%"))
+    return str(percent // 100) if percent % 100 == 0 else f"{percent * 10}m"
+
+
+def _kubernetes_replicas(host_vars_list, settings, group, gpu_devices_variable="celery_worker_gpu_devices"):
+    """How many worker processes the inventory runs for the group: each host's instances (gpu per_device: one
+    per GPU the inventory names, else one, since the controller cannot run nvidia-smi on a pod's node)."""
+    total = 0
+    for host_vars in host_vars_list:
+        devices = host_vars.get(gpu_devices_variable) or []
+        if settings["gpu_mode"] == "per_device" and not settings.get("instances"):
+            total += max(len(devices), 1)
+        else:
+            total += int(settings.get("instances") or 1)
+    return total
+
+
+def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube_spec, rolling):
+    """The worker groups as Kubernetes sees them, every number derived from the same settings the systemd
+    instances get: one place for the arithmetic the manifests carry.
+
+    hosts_vars: hostvars of the inventory's worker hosts; defaults, profiles, spec: the worker role's settings
+    layers and option spec (as worker_settings). kube_defaults: celery_worker_kubernetes_defaults; each group's
+    hosts may override keys in celery_worker_kubernetes_group_settings (group_vars). kube_spec: that option's
+    spec (choices). rolling: {"serial", "min_online", "drain_margin"} of the systemd roll.
+    A group's settings are its first host's layers without the host layer (a Deployment's pods are alike).
+    Returns {"groups": [...], "errors": [...]}; every error names the variable and what is allowed.
+    """
+    spec, kube_spec = spec or {}, kube_spec or {}
+    errors, members = [], {}
+    for host_vars in hosts_vars:
+        profile = worker_profile(host_vars.get("celery_worker_profile", ""), host_vars.get("group_names", []),
+                                 host_vars.get("celery_worker_profiles", profiles))
+        if profile:
+            members.setdefault(profile, []).append(host_vars)
+    serial = rolling.get("serial")
+    serial_errors = _serial_errors(serial)
+    errors += serial_errors
+    min_online = rolling.get("min_online")
+    if isinstance(min_online, str) and min_online.isdigit():
+        min_online = int(min_online)
+    groups = []
+    for group, group_hosts in sorted(members.items()):
+        first = dict(group_hosts[0])
+        first["celery_worker_host_settings"] = {}
+        layered = _host_settings(first, defaults, profiles, spec)
+        hosts = [host_vars.get("inventory_hostname") for host_vars in group_hosts]
+        if layered["errors"]:
+            errors += [f"group {group}: {error}" for error in layered["errors"]]
+            continue
+        settings = layered["settings"]
+        overrides = first.get("celery_worker_kubernetes_group_settings") or {}
+        if not isinstance(overrides, dict):
+            errors.append(f"group {group}: celery_worker_kubernetes_group_settings must be a mapping of "
+                          f"{sorted(kube_spec)}; got {_show(overrides)}.")
+            overrides = {}
+        kube = dict(kube_defaults or {})
+        kube.update(overrides)
+
+        def where(key):
+            return (f"celery_worker_kubernetes_group_settings.{key} (group {group})" if key in overrides
+                    else f"celery_worker_kubernetes_defaults.{key}")
+
+        unknown = sorted(key for key in kube if key not in kube_spec)
+        if unknown:
+            errors.append(f"group {group}: unknown Kubernetes setting(s) {unknown}; allowed are {sorted(kube_spec)}.")
+        group_errors = []
+        for key, option in kube_spec.items():
+            if option.get("choices") and kube.get(key) not in option["choices"]:
+                group_errors.append(f"{where(key)} must be one of: {', '.join(map(str, option['choices']))}; "
+                                    f"got {_show(kube.get(key))}.")
+
+        def integer_or_null(key, minimum):
+            value = kube.get(key)
+            if value is None:
+                return None
+            if not _is_integer(value) or value < minimum:
+                group_errors.append(f"{where(key)} must be null or an integer >= {minimum}; got {_show(value)}.")
+                return None
+            return value
+
+        replicas = integer_or_null("replicas", 0)
+        if replicas is None:
+            replicas = max(_kubernetes_replicas(group_hosts, settings, group), 1)
+        min_replicas = integer_or_null("min_replicas", 0)
+        min_replicas = replicas if min_replicas is None else min_replicas
+        max_replicas = integer_or_null("max_replicas", 1)
+        max_replicas = max(4 * replicas, 1) if max_replicas is None else max_replicas
+        if min_replicas > max_replicas:
+            group_errors.append(f"{where('min_replicas')} ({min_replicas}) must not exceed {where('max_replicas')} "
+                                f"({max_replicas}).")
+        cooldown = integer_or_null("cooldown_seconds", 0)
+        polling = integer_or_null("polling_seconds", 1)
+        slots = settings["autoscale"]["max"] if settings.get("autoscale") else settings["concurrency"]
+        target = integer_or_null("target_per_replica", 1)
+        target = slots * int(settings["prefetch_multiplier"]) if target is None else target
+        # The preStop hook drains the pod's node within the systemd roll's drain deadline; SIGTERM then waits
+        # for what is still running (at most the hard limit) plus the stop margin. Kubernetes counts the grace
+        # period from the start of preStop, so it must hold both.
+        prestop = drain_timeout(settings, rolling.get("drain_margin", 30))
+        needed = prestop + stop_timeout(settings)
+        grace = integer_or_null("grace_period_seconds", 1)
+        if grace is not None and grace < prestop + int(settings["time_limit"]):
+            group_errors.append(
+                f"{where('grace_period_seconds')} ({grace} s) is shorter than the drain ({prestop} s: "
+                f"prefetch_multiplier x time_limit + celery_worker_rolling_drain_margin) plus the hard time limit "
+                f"({settings['time_limit']} s, {layered['origins'].get('time_limit', 'celery_worker_defaults.time_limit')}): "
+                f"Kubernetes would kill running tasks. Set it to at least {prestop + int(settings['time_limit'])}, "
+                f"or null for {needed}.")
+        grace = needed if grace is None else grace
+        # GPUs: a pod per device, as per_device runs an instance per device; shared sees all the node gives it.
+        gpus = integer_or_null("gpus_per_pod", 0)
+        if gpus is None:
+            gpus = {"per_device": 1, "shared": max(len(first.get("celery_worker_gpu_devices") or []), 1)}.get(
+                settings["gpu_mode"], 0)
+        if settings["gpu_mode"] != "none" and gpus < 1:
+            group_errors.append(f"{where('gpus_per_pod')} must be at least 1 for group {group}, whose gpu_mode is "
+                                f"{settings['gpu_mode']} ({layered['origins'].get('gpu_mode')}): its pods would "
+                                f"get no GPU; got {_show(kube.get('gpus_per_pod'))}.")
+        if settings["gpu_mode"] == "none" and gpus:
+            group_errors.append(f"{where('gpus_per_pod')} must be 0 or null for group {group}, whose gpu_mode is "
+                                f"none; got {gpus}.")
+        resources = {"requests": {}, "limits": {}}
+        memory = kube.get("memory_limit")
+        try:
+            memory = memory if memory else kubernetes_memory(settings["memory_max"])
+        except ValueError:
+            group_errors.append(f"{where('memory_limit')} must be set for group {group}: its memory_max "
+                                f"{settings['memory_max']!r} is a percentage, which Kubernetes has no quantity for.")
+            memory = None
+        for key, value, pattern in (("memory_limit", memory, KUBERNETES_MEMORY_PATTERN),
+                                    ("memory_request", kube.get("memory_request"), KUBERNETES_MEMORY_PATTERN),
+                                    ("cpu_request", kube.get("cpu_request"), KUBERNETES_CPU_PATTERN)):
+            if value and not pattern.fullmatch(str(value)):
+                group_errors.append(f"{where(key)} must be a Kubernetes quantity ({pattern.pattern}); got "
+                                    f"{_show(value)}.")
+        cpu = kubernetes_cpu(settings["cpu_quota"])
+        if memory:
+            resources["limits"]["memory"] = str(memory)
+        resources["requests"]["memory"] = str(kube.get("memory_request") or memory or "256Mi")
+        if cpu:
+            resources["limits"]["cpu"] = cpu
+        resources["requests"]["cpu"] = str(kube.get("cpu_request") or cpu or "250m")
+        if gpus:
+            resources["limits"][str(kube.get("gpu_resource") or "nvidia.com/gpu")] = gpus
+        # The roll: as many pods at once as the systemd roll's steady batch; never below the guard's minimum.
+        serials = [1] if serial_errors else (serial if isinstance(serial, list) else [serial])
+        batch = max(_batch_size(serials[-1], replicas), 1)
+        if min_online is None:
+            # The guard's default keeps every other node in service: new pods come up before old ones go.
+            strategy = {"maxSurge": batch, "maxUnavailable": 0}
+            budget = {"maxUnavailable": batch}
+        else:
+            out = max(0, min(batch, replicas - int(min_online)))
+            strategy = {"maxSurge": batch, "maxUnavailable": out}
+            budget = {"minAvailable": int(min_online)}
+        scale_queues = kube.get("scale_queues")
+        scale_queues = settings["queues"] if scale_queues is None else scale_queues
+        if (not isinstance(scale_queues, list) or not scale_queues
+                or not all(isinstance(queue, str) for queue in scale_queues)
+                or not set(scale_queues) <= set(settings["queues"])):
+            group_errors.append(f"{where('scale_queues')} must be null (the group's queues) or a non-empty list of "
+                                f"queues group {group} consumes ({settings['queues']}): a scaler needs a queue; got "
+                                f"{_show(scale_queues)}.")
+            scale_queues = []
+        name = f"{group}-worker"
+        if not KUBERNETES_NAME_PATTERN.fullmatch(name) or len(name) > 52:
+            group_errors.append(f"group {group}: its Deployment would be named {name!r}, which Kubernetes refuses "
+                                f"(lower-case letters, digits and '-', at most 52 characters). Rename the group.")
+        errors += group_errors
+        groups.append({
+            "group": group, "name": name, "file": f"10-{name}.yaml", "hosts": hosts, "settings": settings,
+            "node_name": settings["node_name"],
+            # Exactly the systemd instance's options, split as systemd splits $CELERY_WORKER_ARGS.
+            "arguments": worker_arguments(settings, settings["node_name"]).split(),
+            "replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas,
+            "cooldown_seconds": cooldown, "polling_seconds": polling, "target_per_replica": target,
+            "prestop_seconds": prestop, "grace_seconds": grace, "resources": resources, "gpus": gpus,
+            "strategy": strategy, "budget": budget, "scaler": kube.get("scaler"),
+            "scale_queues": scale_queues,
+            "scale_lists": [name for queue in scale_queues for name in priority_lists(queue)],
+        })
+    if not members:
+        errors.append("No worker group to render: no host of the inventory is in a group that has a worker profile "
+                      f"({sorted(profiles or {})}).")
+    return {"groups": groups, "errors": errors}
+
+
+def prometheus_queue_selector(queues):
+    """A PromQL label matcher for exactly these queues (their names may hold '.', which a regex would widen)."""
+    return "|".join(re.escape(queue) for queue in queues)
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -1316,4 +1541,7 @@ class FilterModule:
             "celery_fleet_broker_url_errors": broker_url_errors,
             "celery_fleet_fleet_status": fleet_status,
             "celery_fleet_systemd_units_memory": systemd_units_memory,
+            "celery_fleet_kubernetes_workers": kubernetes_workers,
+            "celery_fleet_priority_lists": priority_lists,
+            "celery_fleet_prometheus_queue_selector": prometheus_queue_selector,
         }

@@ -27,8 +27,8 @@ def test_worker_user_is_unprivileged(host):
 def test_environment_file_is_not_world_readable(host):
     env = host.file("/etc/celery-fleet/celery.env")
     assert env.user == "root" and env.group == "celery" and env.mode == 0o640
-    assert "CELERY_TASK_ACKS_LATE=\"true\"" in env.content_string
-    assert "CELERY_TASK_REJECT_ON_WORKER_LOST=\"true\"" in env.content_string
+    assert "CELERY_TASK_ACKS_LATE='true'" in env.content_string
+    assert "CELERY_TASK_REJECT_ON_WORKER_LOST='true'" in env.content_string
 
 
 def test_visibility_timeout_exceeds_the_longest_hard_limit(host):
