@@ -1430,7 +1430,8 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
             memory = memory if memory else kubernetes_memory(settings["memory_max"])
         except ValueError:
             group_errors.append(f"{where('memory_limit')} must be set for group {group}: its memory_max "
-                                f"{settings['memory_max']!r} is a percentage, which Kubernetes has no quantity for.")
+                                f"{settings['memory_max']!r} ({layered['origins'].get('memory_max')}) is a percentage, which "
+                                f"Kubernetes has no quantity for.")
             memory = None
         for key, value, pattern in (("memory_limit", memory, KUBERNETES_MEMORY_PATTERN),
                                     ("memory_request", kube.get("memory_request"), KUBERNETES_MEMORY_PATTERN),
