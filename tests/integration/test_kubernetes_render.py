@@ -107,6 +107,10 @@ def test_the_lab_renders_valid_manifests_with_the_secret_only_in_the_secret(tmp_
     config = objects["ConfigMap/celery-fleet-worker"][1]["data"]
     assert config["CELERY_TASK_ACKS_LATE"] == "true" and config["CELERY_TASK_REJECT_ON_WORKER_LOST"] == "true"
     assert json.loads(config["CELERY_BROKER_TRANSPORT_OPTIONS"])["visibility_timeout"] > 360
+    # The README shows one manifest as rendered.
+    readme = (PROJECT / "README.md").read_text()
+    block = readme.split("<!-- rendered: 10-batch-worker.yaml -->\n```yaml\n", 1)[1].split("```\n", 1)[0]
+    assert block == (out / "10-batch-worker.yaml").read_text()
 
 
 def test_an_in_cluster_broker_and_the_hpa_render_valid_manifests(tmp_path):
@@ -163,3 +167,4 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
                      "Nothing was written"):
         assert fragment in output, (fragment, output[-3000:])
     assert not out.exists()
+
