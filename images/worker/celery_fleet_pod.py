@@ -10,8 +10,8 @@ reserved and no active task, at most CELERY_FLEET_DRAIN_SECONDS (the systemd rol
 kubelet's SIGTERM then makes Celery's warm shutdown quick. Whatever is still running then finishes within the
 grace period (sized for it); reserved tasks of a drain that ran out go back to the queue on the warm shutdown.
 ready: the node answers and consumes every queue of its group (a drained node is not ready).
-alive: the node answers ping. When the broker itself cannot be reached the probe cannot tell, and says alive:
-restarting every worker of a fleet whose broker is down would not bring it back.
+alive: the node answers ping. When the ping fails or the broker does not answer, the probe cannot tell, and says
+alive: restarting every worker of a fleet whose broker is down or full would not bring it back.
 Exit status 0 is success; every outcome is one JSON line on stdout.
 """
 
@@ -62,18 +62,22 @@ def ready(app, environ):
 def alive(app, environ):
     node = node_name(environ)
     try:
-        # Ping through the broker; a broker that does not answer is not this node's fault.
+        replies = celery_control.within(CALL_DEADLINE, celery_control.run, app, "ping", "active", [node], None,
+                                        CALL_TIMEOUT)[1]
+        if node in replies:
+            return {"node": node, "alive": True, "broker": "answers"}
+        # No reply: dead only if the broker itself answers (a broker that refuses writes, a full one, fails
+        # the ping for every pod alike, and restarting them all would not help).
         celery_control.within(CALL_DEADLINE, _broker_answers, app)
     except Exception as error:  # noqa: BLE001 - any broker failure means "cannot tell"
-        return {"node": node, "alive": True, "broker": f"unreachable: {error}"}
-    replies = celery_control.within(CALL_DEADLINE, celery_control.run, app, "ping", "active", [node], None,
-                                    CALL_TIMEOUT)[1]
-    return {"node": node, "alive": node in replies, "broker": "answers"}
+        return {"node": node, "alive": True, "broker": f"cannot tell: {error}"}
+    return {"node": node, "alive": False, "broker": "answers"}
 
 
 def _broker_answers(app):
-    with app.connection_for_read() as connection:
+    with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
+        connection.default_channel.client.ping()
     return True
 
 

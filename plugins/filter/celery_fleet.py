@@ -1279,6 +1279,9 @@ KOMBU_PRIORITY_SEPARATOR = "\x06\x16"
 KUBERNETES_NAME_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 KUBERNETES_CPU_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)?|[0-9]+m")
 KUBERNETES_MEMORY_PATTERN = re.compile(r"[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?")
+# Seconds the preStop hook may take beyond its drain wait: the Python start and its two bounded control calls
+# (images/worker/celery_fleet_pod.py: CALL_DEADLINE each).
+POD_HOOK_OVERHEAD = 20
 
 
 def priority_lists(queue):
@@ -1402,18 +1405,23 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
         # for what is still running (at most the hard limit) plus the stop margin. Kubernetes counts the grace
         # period from the start of preStop, so it must hold both.
         prestop = drain_timeout(settings, rolling.get("drain_margin", 30))
-        needed = prestop + stop_timeout(settings)
+        needed = prestop + POD_HOOK_OVERHEAD + stop_timeout(settings)
         grace = integer_or_null("grace_period_seconds", 1)
-        if grace is not None and grace < prestop + int(settings["time_limit"]):
+        if grace is not None and grace < needed:
             group_errors.append(
                 f"{where('grace_period_seconds')} ({grace} s) is shorter than the drain ({prestop} s: "
-                f"prefetch_multiplier x time_limit + celery_worker_rolling_drain_margin) plus the hard time limit "
-                f"({settings['time_limit']} s, {layered['origins'].get('time_limit', 'celery_worker_defaults.time_limit')}): "
-                f"Kubernetes would kill running tasks. Set it to at least {prestop + int(settings['time_limit'])}, "
-                f"or null for {needed}.")
+                f"prefetch_multiplier x time_limit + celery_worker_rolling_drain_margin, and {POD_HOOK_OVERHEAD} s "
+                f"for the hook itself) plus the warm stop (time_limit + stop_timeout_margin, "
+                f"{stop_timeout(settings)} s; {layered['origins'].get('time_limit', 'celery_worker_defaults.time_limit')}): "
+                f"Kubernetes would kill running tasks. Set it to at least {needed}, or null.")
         grace = needed if grace is None else grace
         # GPUs: a pod per device, as per_device runs an instance per device; shared sees all the node gives it.
         gpus = integer_or_null("gpus_per_pod", 0)
+        if settings["gpu_mode"] == "shared" and gpus is None:
+            group_errors.append(f"{where('gpus_per_pod')} must be set for group {group}, whose gpu_mode is shared "
+                                f"({layered['origins'].get('gpu_mode')}): the device plugin gives a GPU to one pod only, "
+                                f"so pods cannot share the host's GPUs as its instances do. Set it to the GPUs each "
+                                f"pod may take (with time-slicing or MPS configured in the cluster), or use per_device.")
         if gpus is None:
             gpus = {"per_device": 1, "shared": max(len(first.get("celery_worker_gpu_devices") or []), 1)}.get(
                 settings["gpu_mode"], 0)
@@ -1459,6 +1467,14 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
             out = max(0, min(batch, replicas - int(min_online)))
             strategy = {"maxSurge": batch, "maxUnavailable": out}
             budget = {"minAvailable": int(min_online)}
+            if _is_integer(min_online) and int(min_online) >= min_replicas:
+                group_errors.append(f"celery_worker_rolling_min_online ({min_online}) must be below group {group}'s "
+                                    f"fewest pods ({where('min_replicas')}: {min_replicas}): its budget would allow no "
+                                    f"eviction at all and block every node drain.")
+        if gpus:
+            # No spare GPU can be assumed for a surge pod: a GPU group rolls by replacing a batch at a time.
+            strategy = {"maxSurge": 0,
+                        "maxUnavailable": batch if min_online is None else max(strategy["maxUnavailable"], 1)}
         scale_queues = kube.get("scale_queues")
         scale_queues = settings["queues"] if scale_queues is None else scale_queues
         if (not isinstance(scale_queues, list) or not scale_queues
@@ -1481,7 +1497,10 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
             "replicas": replicas, "min_replicas": min_replicas, "max_replicas": max_replicas,
             "cooldown_seconds": cooldown, "polling_seconds": polling, "target_per_replica": target,
             "prestop_seconds": prestop, "grace_seconds": grace, "resources": resources, "gpus": gpus,
-            "strategy": strategy, "budget": budget, "scaler": kube.get("scaler"),
+            "strategy": strategy, "budget": budget, "batch": batch, "scaler": kube.get("scaler"),
+            # The solo pool answers no control call while a task runs: probes through the control API would
+            # call it dead, so its pods have none.
+            "probes": settings["pool"] != "solo",
             "scale_queues": scale_queues,
             "scale_lists": [name for queue in scale_queues for name in priority_lists(queue)],
         })

@@ -387,14 +387,17 @@ def within(seconds, function, *args, **kwargs):
     reader, writer = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child's coverage is its result
-        os.close(reader)
+        # The child never returns into the caller's code, whatever happens (a parent gone, a pipe closed).
         try:
-            outcome = {"result": function(*args, **kwargs)}
-        except BaseException as error:  # noqa: BLE001 - every failure is reported to the parent
-            outcome = {"error": f"{type(error).__name__}: {error}" if not str(error) else str(error)}
-        with os.fdopen(writer, "w") as pipe:
-            json.dump(outcome, pipe, default=repr)
-        os._exit(0)
+            os.close(reader)
+            try:
+                outcome = {"result": function(*args, **kwargs)}
+            except BaseException as error:  # noqa: BLE001 - every failure is reported to the parent
+                outcome = {"error": f"{type(error).__name__}: {error}" if not str(error) else str(error)}
+            with os.fdopen(writer, "w") as pipe:
+                json.dump(outcome, pipe, default=repr)
+        finally:
+            os._exit(0)
     os.close(writer)
     deadline = time.monotonic() + seconds
     chunks = []

@@ -9,6 +9,7 @@ import os
 import stat
 
 import kubernetes_validate
+import pytest
 import yaml
 
 import celery_fleet as cf
@@ -22,6 +23,14 @@ KUBERNETES_VERSION = "1.37.0"
 # The example inventory's vault is only an example (vault.yml.example): its two passwords given here.
 PRODUCTION_VAULT = ["-e", "vault_celery_broker_password=example-broker-password-0123456789",
                     "-e", "vault_celery_broker_admin_password=example-admin-password-0123456789"]
+
+
+@pytest.fixture
+def production_vault(tmp_path, monkeypatch):
+    """The example inventory is not the lab: a vault password file of its own (the lab's public one is refused)."""
+    password_file = tmp_path / "vault-password"
+    password_file.write_text("example-vault-password-not-the-lab-s\n")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(password_file))
 
 
 def render(tmp_path, inventory, *extra):
@@ -79,6 +88,9 @@ def test_the_lab_renders_valid_manifests_with_the_secret_only_in_the_secret(tmp_
     secret = objects["Secret/celery-fleet-broker"][1]["data"]
     url = base64.b64decode(secret["CELERY_BROKER_URL"]).decode()
     assert url == f"redis://celery:{encoded}@broker1:6379/0"
+    # The pods restart when what they read at start changes.
+    annotations = objects["Deployment/web-worker"][1]["spec"]["template"]["metadata"]["annotations"]
+    assert len(annotations["celery-fleet/config-digest"]) == 64
     assert base64.b64decode(secret["redis-password"]).decode() == password
     # The pod runs `celery worker` with exactly the systemd instance's options; each number as derived.
     web = objects["Deployment/web-worker"][1]
@@ -87,7 +99,7 @@ def test_the_lab_renders_valid_manifests_with_the_secret_only_in_the_secret(tmp_
     assert container["args"] == ["--hostname=web-worker@%h", "--queues=default,priority", "--pool=prefork",
                                  "--loglevel=INFO", "--prefetch-multiplier=4", "--time-limit=360",
                                  "--soft-time-limit=300", "--concurrency=8", "--without-mingle", "--without-gossip"]
-    assert web["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 4 * 360 + 30 + 360 + 30
+    assert web["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 4 * 360 + 30 + 20 + 360 + 30
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "celery_fleet_pod", "drain"]
     assert {"name": "CELERY_FLEET_DRAIN_SECONDS", "value": "1470"} in container["env"]
     assert web["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
@@ -133,14 +145,24 @@ def test_an_in_cluster_broker_and_the_hpa_render_valid_manifests(tmp_path):
     acl = base64.b64decode(objects["Secret/celery-fleet-redis"][1]["data"]["users.acl"]).decode()
     assert acl.splitlines()[0].startswith("user default off") and "+flushall" not in acl
     url = base64.b64decode(objects["Secret/celery-fleet-broker"][1]["data"]["CELERY_BROKER_URL"]).decode()
-    assert url.endswith("@celery-fleet-redis:6379/0")
+    # A name KEDA's operator resolves too, from its own namespace.
+    assert url.endswith("@celery-fleet-redis.celery-fleet.svc:6379/0")
 
 
-def test_the_production_example_renders_valid_manifests(tmp_path):
-    rc, output, out = render(tmp_path, PRODUCTION, *PRODUCTION_VAULT)
+def test_the_production_example_renders_valid_manifests(tmp_path, production_vault):
+    """With KEDA's Prometheus trigger on the fleet exporter's metrics."""
+    settings = dict(yaml.safe_load((PROJECT / "roles/celery_worker/defaults/main.yml").read_text())
+                    ["celery_worker_kubernetes_defaults"], scaler="keda-prometheus")
+    rc, output, out = render(tmp_path, PRODUCTION, *PRODUCTION_VAULT,
+                             "-e", "celery_worker_kubernetes_prometheus_url=http://prometheus.monitoring.svc:9090",
+                             "-e", json.dumps({"celery_worker_kubernetes_defaults": settings}))
     assert rc == 0, output[-3000:]
     objects = objects_of(out)
     assert_valid(objects)
+    trigger = objects["ScaledObject/web-worker"][1]["spec"]["triggers"][0]["metadata"]
+    # Raw strings (backticks): PromQL reads no escape in them. Ready plus held by pods.
+    assert trigger["query"] == ("sum(celery_fleet_queue_ready_messages{queue=~`^(default|priority)$`}) + "
+                                "sum(celery_fleet_queue_unacked_messages{queue=~`^(default|priority)$`})"), trigger
     # Three web hosts, two batch hosts; the GPU host's devices are found by nvidia-smi on the host, which a
     # render cannot run: one pod until the group's replicas say more.
     replicas = {name: objects[f"ScaledObject/{name}"][1]["spec"]["minReplicaCount"]
@@ -148,10 +170,10 @@ def test_the_production_example_renders_valid_manifests(tmp_path):
     assert replicas == {"web-worker": 3, "batch-worker": 2, "gpu-worker": 1}
     gpu = objects["Deployment/gpu-worker"][1]["spec"]["template"]["spec"]
     assert gpu["containers"][0]["resources"]["limits"] == {"memory": "24Gi", "nvidia.com/gpu": 1}
-    assert gpu["terminationGracePeriodSeconds"] == 1 * 1900 + 30 + 1900 + 30
+    assert gpu["terminationGracePeriodSeconds"] == 1 * 1900 + 30 + 20 + 1900 + 30
 
 
-def test_bad_input_is_refused_before_anything_is_written(tmp_path):
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, production_vault):
     """Every refusal of one run at once (the assert reports them all), each naming its variable."""
     bad = {"grace_period_seconds": 600, "gpus_per_pod": 0, "scale_queues": [], "scaler": "keda-prometheus"}
     rc, output, out = render(tmp_path, PRODUCTION, *PRODUCTION_VAULT,

@@ -83,11 +83,11 @@ def test_the_grace_period_holds_the_drain_and_the_hard_limit():
         settings = group["settings"]
         drain = settings["prefetch_multiplier"] * settings["time_limit"] + ROLLING["drain_margin"]
         assert group["prestop_seconds"] == drain == cf.drain_timeout(settings, ROLLING["drain_margin"])
-        # As TimeoutStopSec after the drain: systemd's own stop timeout, on top of the preStop's.
-        assert group["grace_seconds"] == drain + cf.stop_timeout(settings)
+        # The hook's own overhead, then TimeoutStopSec after the drain: systemd's own stop timeout.
+        assert group["grace_seconds"] == drain + cf.POD_HOOK_OVERHEAD + cf.stop_timeout(settings)
         assert group["grace_seconds"] > group["prestop_seconds"] + settings["time_limit"]
-    # web: 4 x 360 + 30 = 1470 s of drain, then 360 + 30.
-    assert groups["web"]["grace_seconds"] == 1470 + 390
+    # web: 4 x 360 + 30 = 1470 s of drain, 20 s for the hook, then 360 + 30.
+    assert groups["web"]["grace_seconds"] == 1470 + 20 + 390
 
 
 def test_a_grace_period_shorter_than_drain_and_hard_limit_is_refused_naming_the_variable():
@@ -95,10 +95,12 @@ def test_a_grace_period_shorter_than_drain_and_hard_limit_is_refused_naming_the_
     result, _ = render(hosts)
     message = " ".join(result["errors"])
     assert "celery_worker_kubernetes_group_settings.grace_period_seconds (group web) (300 s)" in message
-    assert "at least 1830" in message and "time_limit" in message
-    # At the floor: accepted.
-    hosts[0]["celery_worker_kubernetes_group_settings"]["grace_period_seconds"] = 1830
+    assert "at least 1880" in message and "time_limit" in message
+    # At the floor: accepted; a second below: refused.
+    hosts[0]["celery_worker_kubernetes_group_settings"]["grace_period_seconds"] = 1880
     assert render(hosts)[0]["errors"] == []
+    hosts[0]["celery_worker_kubernetes_group_settings"]["grace_period_seconds"] = 1879
+    assert render(hosts)[0]["errors"]
 
 
 def test_gpu_pods_request_one_gpu_each_and_a_gpu_group_without_gpus_is_refused():
@@ -110,6 +112,17 @@ def test_gpu_pods_request_one_gpu_each_and_a_gpu_group_without_gpus_is_refused()
     result, _ = render(hosts)
     assert any("celery_worker_kubernetes_group_settings.gpus_per_pod (group gpu) must be at least 1" in error
                and "gpu_mode is per_device" in error for error in result["errors"]), result["errors"]
+    # No spare GPU for a surge pod: GPU pods are replaced a batch at a time.
+    assert groups["gpu"]["strategy"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # shared: the device plugin gives a GPU to one pod, so pods cannot share a host's GPUs as instances do.
+    shared = {"gpu_mode": "shared", "instances": 2}
+    hosts = LAB[:3] + [host("gpu1", "gpu", celery_worker_group_settings=shared, celery_worker_gpu_devices=[0, 1])]
+    result, _ = render(hosts)
+    assert any("gpus_per_pod must be set for group gpu, whose gpu_mode is shared" in error
+               for error in result["errors"]), result["errors"]
+    hosts[-1]["celery_worker_kubernetes_group_settings"] = {"gpus_per_pod": 1}
+    result, groups = render(hosts)
+    assert result["errors"] == [] and groups["gpu"]["replicas"] == 2
     # Another extended resource name, e.g. for AMD.
     hosts = LAB[:3] + [host("gpu1", "gpu", celery_worker_kubernetes_group_settings={"gpu_resource": "amd.com/gpu"})]
     assert render(hosts)[1]["gpu"]["resources"]["limits"] == {"amd.com/gpu": 1}
@@ -140,9 +153,20 @@ def test_the_roll_and_the_budget_follow_the_serial_and_the_guard():
     # min_online 7 of 8: only one may go at a time.
     _, groups = render(hosts, rolling=dict(ROLLING, min_online="7"))
     assert groups["web"]["strategy"] == {"maxSurge": 2, "maxUnavailable": 1}
+    # A minimum that leaves no pod to evict would block every node drain: refused.
+    result, _ = render(rolling=dict(ROLLING, min_online=2))
+    assert any("celery_worker_rolling_min_online (2) must be below group web's fewest pods" in error
+               for error in result["errors"]), result["errors"]
     # A bad serial is the roll's own error.
     result, _ = render(rolling=dict(ROLLING, serial="0%"))
     assert any("celery_worker_rolling_serial" in error for error in result["errors"])
+
+
+def test_solo_pods_have_no_control_api_probes():
+    _, groups = render()
+    assert groups["web"]["probes"] is True
+    hosts = [host("batch1", "batch", celery_worker_group_settings={"pool": "solo"})]
+    assert render(hosts)[1]["batch"]["probes"] is False
 
 
 def test_resources_come_from_memory_max_and_cpu_quota():
