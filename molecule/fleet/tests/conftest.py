@@ -1,11 +1,14 @@
 """verify runs twice on this scenario's one lab (molecule.yml): on the fresh lab, only the tests that need
-nothing deployed (FRESH_LAB); on the deployed fleet, the others, with operators' own apps (test_app.py) last,
-since they replace the example app the other tests use."""
+nothing deployed (FRESH_LAB); on the deployed fleet, the others, then the worker image's pods
+(test_kubernetes_pod.py) and operators' own apps (test_app.py) last, since they add nodes and replace the
+example app the other tests use."""
 
 import testinfra
 
 FRESH_LAB = ["test_lab.py", "test_fresh_lab_dry_run.py"]
-LAST = ["test_app.py"]
+# The pods of the worker image join the fleet for a while (the monitor's tests count the inventory's nodes, and
+# Flower remembers every node it saw): after those; operators' apps replace the example app: last.
+LAST = ["test_kubernetes_pod.py", "test_app.py"]
 
 
 def _deployed(config):
