@@ -174,7 +174,9 @@ def memory_bytes(value, variable="a memory size"):
 FLEET_ENVIRONMENT = ("CELERY_APP", "CELERY_FLEET_APP", "CELERY_FLEET_RUNTIME_DIGEST", "PYTHONPATH",
                      "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERY_TASK_ACKS_LATE",
                      "CELERY_TASK_REJECT_ON_WORKER_LOST", "CELERY_RESULT_EXPIRES", "CELERY_BROKER_TRANSPORT_OPTIONS",
-                     "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES")
+                     "CELERY_WORKER_ARGS", "CUDA_VISIBLE_DEVICES", "CELERY_FLEET_TASK_EVENTS",
+                     "CELERY_FLEET_BROKER_CA_DIGEST", "CELERY_FLEET_NODE_NAME", "CELERY_FLEET_QUEUES",
+                     "CELERY_FLEET_DRAIN_SECONDS")
 
 
 # Variables Celery's CLI or settings, or Python, read before the fleet's settings apply: one of them in the

@@ -225,3 +225,10 @@ def test_the_prometheus_selector_matches_only_the_named_queues():
     pattern = re.compile(f"^({selector})$")
     assert pattern.match("a.b") and pattern.match("default")
     assert not pattern.match("aXb") and not pattern.match("default2")
+
+
+def test_an_extra_variable_may_not_hide_one_the_fleet_or_the_pod_hooks_set():
+    role = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    for name in list(role["_celery_worker_fleet_environment"]) + ["CELERY_FLEET_NODE_NAME", "CELERY_FLEET_QUEUES",
+                                                                  "CELERY_FLEET_DRAIN_SECONDS"]:
+        assert cf.environment_errors({name: "x"}), name
