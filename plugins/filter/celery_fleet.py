@@ -563,6 +563,23 @@ def _serial_errors(serial):
         f"list of those (batch sizes within each group, the last one repeated); got {_show(serial)}."]
 
 
+def _rolling_serials(serial):
+    """(batch sizes, errors) of celery_worker_rolling_serial: a list as Ansible's serial takes it, [1] when refused
+    (so that a plan can still be made and its other errors told at the same time)."""
+    errors = _serial_errors(serial)
+    return ([1] if errors else (serial if isinstance(serial, list) else [serial])), errors
+
+
+def _rolling_min_online(min_online):
+    """(value, errors) of celery_worker_rolling_min_online: null or an integer >= 0, as extra vars give it too
+    (-e celery_worker_rolling_min_online=2 is the string '2')."""
+    if isinstance(min_online, str) and min_online.isdigit():
+        min_online = int(min_online)
+    if min_online is not None and not (_is_integer(min_online) and min_online >= 0):
+        return None, [f"celery_worker_rolling_min_online must be null or an integer >= 0; got {_show(min_online)}."]
+    return min_online, []
+
+
 def rolling_plan(order, serial, groups, play_hosts, min_online=None):
     """Which hosts roll in which order and batch sizes, so that groups roll one after another, each with
     its own canary batch first, and no batch ever spans two groups.
@@ -582,16 +599,11 @@ def rolling_plan(order, serial, groups, play_hosts, min_online=None):
     if unknown:
         errors.append(f"celery_worker_rolling_order names group(s) the inventory does not have: {unknown} "
                       f"(order {order}).")
-    serial_errors = _serial_errors(serial)
-    errors += serial_errors
-    # As extra vars give it (-e celery_worker_rolling_min_online=2 is the string '2').
-    if isinstance(min_online, str) and min_online.isdigit():
-        min_online = int(min_online)
-    if min_online is not None and not (_is_integer(min_online) and min_online >= 0):
-        errors.append(f"celery_worker_rolling_min_online must be null or an integer >= 0; got {_show(min_online)}.")
-    hosts, batches = [], []
     # Planned even when the serial is refused, so that the order's own errors are told at the same time.
-    serials = [1] if serial_errors else (serial if isinstance(serial, list) else [serial])
+    serials, serial_errors = _rolling_serials(serial)
+    errors += serial_errors
+    errors += _rolling_min_online(min_online)[1]
+    hosts, batches = [], []
     for group in order:
         members = [host for host in groups.get(group, []) if host in play_hosts and host not in hosts]
         group_size, position = len(members), 0
@@ -1311,17 +1323,12 @@ def kubernetes_cpu(cpu_quota):
     return str(percent // 100) if percent % 100 == 0 else f"{percent * 10}m"
 
 
-def _kubernetes_replicas(host_vars_list, settings, group, gpu_devices_variable="celery_worker_gpu_devices"):
-    """How many worker processes the inventory runs for the group: each host's instances (gpu per_device: one
-    per GPU the inventory names, else one, since the controller cannot run nvidia-smi on a pod's node)."""
-    total = 0
-    for host_vars in host_vars_list:
-        devices = host_vars.get(gpu_devices_variable) or []
-        if settings["gpu_mode"] == "per_device" and not settings.get("instances"):
-            total += max(len(devices), 1)
-        else:
-            total += int(settings.get("instances") or 1)
-    return total
+def _kubernetes_replicas(host_vars_list, settings, group):
+    """How many worker processes the inventory runs for the group: each host's instances, as worker_instances()
+    counts them (gpu per_device: one per GPU the inventory names, else one, since the controller cannot run
+    nvidia-smi on a pod's node)."""
+    return sum(max(len(worker_instances(settings, group, host_vars.get("celery_worker_gpu_devices"))), 1)
+               for host_vars in host_vars_list)
 
 
 def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube_spec, rolling):
@@ -1342,12 +1349,9 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
                                  host_vars.get("celery_worker_profiles", profiles))
         if profile:
             members.setdefault(profile, []).append(host_vars)
-    serial = rolling.get("serial")
-    serial_errors = _serial_errors(serial)
-    errors += serial_errors
-    min_online = rolling.get("min_online")
-    if isinstance(min_online, str) and min_online.isdigit():
-        min_online = int(min_online)
+    serials, serial_errors = _rolling_serials(rolling.get("serial"))
+    min_online, min_online_errors = _rolling_min_online(rolling.get("min_online"))
+    errors += serial_errors + min_online_errors
     groups = []
     for group, group_hosts in sorted(members.items()):
         first = dict(group_hosts[0])
@@ -1459,17 +1463,16 @@ def kubernetes_workers(hosts_vars, defaults, profiles, spec, kube_defaults, kube
         if gpus:
             resources["limits"][str(kube.get("gpu_resource") or "nvidia.com/gpu")] = gpus
         # The roll: as many pods at once as the systemd roll's steady batch; never below the guard's minimum.
-        serials = [1] if serial_errors else (serial if isinstance(serial, list) else [serial])
         batch = max(_batch_size(serials[-1], replicas), 1)
         if min_online is None:
             # The guard's default keeps every other node in service: new pods come up before old ones go.
             strategy = {"maxSurge": batch, "maxUnavailable": 0}
             budget = {"maxUnavailable": batch}
         else:
-            out = max(0, min(batch, replicas - int(min_online)))
+            out = max(0, min(batch, replicas - min_online))
             strategy = {"maxSurge": batch, "maxUnavailable": out}
-            budget = {"minAvailable": int(min_online)}
-            if _is_integer(min_online) and int(min_online) >= min_replicas:
+            budget = {"minAvailable": min_online}
+            if min_online >= min_replicas:
                 group_errors.append(f"celery_worker_rolling_min_online ({min_online}) must be below group {group}'s "
                                     f"fewest pods ({where('min_replicas')}: {min_replicas}): its budget would allow no "
                                     f"eviction at all and block every node drain.")

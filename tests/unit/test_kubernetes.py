@@ -157,6 +157,10 @@ def test_the_roll_and_the_budget_follow_the_serial_and_the_guard():
     result, _ = render(rolling=dict(ROLLING, min_online=2))
     assert any("celery_worker_rolling_min_online (2) must be below group web's fewest pods" in error
                for error in result["errors"]), result["errors"]
+    # A minimum that is no number is the roll's own error (not a crash).
+    result, _ = render(rolling=dict(ROLLING, min_online="many"))
+    assert any("celery_worker_rolling_min_online must be null or an integer >= 0; got 'many'" in error
+               for error in result["errors"]), result["errors"]
     # A bad serial is the roll's own error.
     result, _ = render(rolling=dict(ROLLING, serial="0%"))
     assert any("celery_worker_rolling_serial" in error for error in result["errors"])
