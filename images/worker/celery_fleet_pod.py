@@ -32,6 +32,11 @@ def node_name(environ):
     return host_format(environ["CELERY_FLEET_NODE_NAME"])
 
 
+def queues_of(environ):
+    """The queues the pod's node consumes, sorted (CELERY_FLEET_QUEUES: as --queues has them)."""
+    return sorted(queue for queue in environ.get("CELERY_FLEET_QUEUES", "").split(",") if queue)
+
+
 def _app(environ):
     return celery_control.client_app(environ["CELERY_BROKER_URL"],
                                       json.loads(environ.get("CELERY_BROKER_TRANSPORT_OPTIONS") or "{}"))
@@ -39,7 +44,7 @@ def _app(environ):
 
 def drain(app, environ):
     node = node_name(environ)
-    queues = [queue for queue in environ.get("CELERY_FLEET_QUEUES", "").split(",") if queue]
+    queues = queues_of(environ)
     wait = float(environ.get("CELERY_FLEET_DRAIN_SECONDS") or 0)
     started = time.monotonic()
     celery_control.within(CALL_DEADLINE, celery_control.run, app, "cancel_consumer", "active", [node], queues,
@@ -52,7 +57,7 @@ def drain(app, environ):
 
 def ready(app, environ):
     node = node_name(environ)
-    queues = sorted(queue for queue in environ.get("CELERY_FLEET_QUEUES", "").split(",") if queue)
+    queues = queues_of(environ)
     outcome = celery_control.within(CALL_DEADLINE, celery_control.wait_consuming, app, [node], queues, 0,
                                     CALL_TIMEOUT)
     return {"node": node, "ready": outcome["consuming"],

@@ -33,20 +33,19 @@ def production_vault(tmp_path, monkeypatch):
     monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(password_file))
 
 
+def kubernetes_defaults(**changes):
+    """-e arguments setting celery_worker_kubernetes_defaults: the role's, with these keys changed (an extra var
+    replaces the whole mapping)."""
+    defaults = yaml.safe_load((PROJECT / "roles/celery_worker/defaults/main.yml").read_text())
+    return ["-e", json.dumps({"celery_worker_kubernetes_defaults":
+                              dict(defaults["celery_worker_kubernetes_defaults"], **changes)})]
+
+
 def render(tmp_path, inventory, *extra):
     out = tmp_path / "manifests"
     rc, output = fleetload.run_playbook("kubernetes.yml", "-e", f"celery_worker_kubernetes_output_dir={out}", *extra,
                                         inventory=inventory, timeout=300)
     return rc, output, out
-
-
-def objects_of(directory):
-    found = {}
-    for path in sorted(directory.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                found[f"{document['kind']}/{document['metadata']['name']}"] = (path.name, document)
-    return found
 
 
 def assert_valid(objects):
@@ -75,7 +74,7 @@ def test_the_lab_renders_valid_manifests_with_the_secret_only_in_the_secret(tmp_
     assert sorted(path.name for path in out.iterdir()) == ["00-common.yaml", "10-batch-worker.yaml",
                                                            "10-gpu-worker.yaml", "10-web-worker.yaml"]
     assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in out.iterdir())
-    objects = objects_of(out)
+    objects = fleetload.manifest_objects(out)
     keda = assert_valid(objects)
     assert sorted(keda) == ["ScaledObject/batch-worker", "ScaledObject/gpu-worker", "ScaledObject/web-worker",
                             "TriggerAuthentication/celery-fleet-broker"]
@@ -126,12 +125,10 @@ def test_the_lab_renders_valid_manifests_with_the_secret_only_in_the_secret(tmp_
 
 
 def test_an_in_cluster_broker_and_the_hpa_render_valid_manifests(tmp_path):
-    settings = dict(yaml.safe_load((PROJECT / "roles/celery_worker/defaults/main.yml").read_text())
-                    ["celery_worker_kubernetes_defaults"], scaler="hpa")
     rc, output, out = render(tmp_path, LAB, "-e", "celery_worker_kubernetes_broker=in-cluster",
-                             "-e", json.dumps({"celery_worker_kubernetes_defaults": settings}))
+                             *kubernetes_defaults(scaler="hpa"))
     assert rc == 0, output[-3000:]
-    objects = objects_of(out)
+    objects = fleetload.manifest_objects(out)
     for name, (_, document) in objects.items():
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     assert not [name for name in objects if name.startswith(("ScaledObject", "TriggerAuthentication"))]
@@ -151,13 +148,11 @@ def test_an_in_cluster_broker_and_the_hpa_render_valid_manifests(tmp_path):
 
 def test_the_production_example_renders_valid_manifests(tmp_path, production_vault):
     """With KEDA's Prometheus trigger on the fleet exporter's metrics."""
-    settings = dict(yaml.safe_load((PROJECT / "roles/celery_worker/defaults/main.yml").read_text())
-                    ["celery_worker_kubernetes_defaults"], scaler="keda-prometheus")
     rc, output, out = render(tmp_path, PRODUCTION, *PRODUCTION_VAULT,
                              "-e", "celery_worker_kubernetes_prometheus_url=http://prometheus.monitoring.svc:9090",
-                             "-e", json.dumps({"celery_worker_kubernetes_defaults": settings}))
+                             *kubernetes_defaults(scaler="keda-prometheus"))
     assert rc == 0, output[-3000:]
-    objects = objects_of(out)
+    objects = fleetload.manifest_objects(out)
     assert_valid(objects)
     trigger = objects["ScaledObject/web-worker"][1]["spec"]["triggers"][0]["metadata"]
     # Raw strings (backticks): PromQL reads no escape in them. Ready plus held by pods.

@@ -76,6 +76,18 @@ def run_playbook(playbook: str, *extra_args: str, inventory: str | Path, project
     return run.returncode, re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
 
 
+def manifest_objects(directory: Path) -> dict:
+    """{"Kind/name": (file name, object)} of every YAML document in a directory of rendered manifests."""
+    import yaml
+
+    found = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                found[f"{document['kind']}/{document['metadata']['name']}"] = (path.name, document)
+    return found
+
+
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.MULTILINE)
 
 

@@ -11,7 +11,6 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
 import fleetlab
 import fleetload
@@ -25,15 +24,6 @@ def docker(*arguments, check=True, timeout=300):
     return subprocess.run(["docker", *arguments], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def objects_of(directory):
-    found = {}
-    for path in sorted(directory.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                found[f"{document['kind']}/{document['metadata']['name']}"] = document
-    return found
-
-
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     """The lab's manifests and its worker image, built by the playbook (--tags image)."""
@@ -41,7 +31,7 @@ def rendered(tmp_path_factory):
     rc, output = fleetload.run_playbook("kubernetes.yml", "--tags", "all,image", "-e",
                                         f"celery_worker_kubernetes_output_dir={out}", inventory=LAB, timeout=900)
     assert rc == 0, output[-3000:]
-    return objects_of(out)
+    return {name: document for name, (_, document) in fleetload.manifest_objects(out).items()}
 
 
 def pod_environment(objects, deployment):
