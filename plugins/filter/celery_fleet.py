@@ -135,11 +135,12 @@ def _service_gap(node, active_queues, queues):
 
 
 def unreached(ping_results):
-    """[{"host", "reason"}] for each host whose ping result ({host: registered result}) is not a pong:
-    unreachable, or failed to run a module (a stopped container, a host without Python)."""
+    """[{"host", "reason"}] for each host whose ping or fact-gathering result ({host: registered result}) is not a
+    pong or facts: unreachable, or failed to run a module (a stopped container, a host without Python)."""
     lost = []
     for host, result in sorted((ping_results or {}).items()):
-        if (result or {}).get("ping") == "pong":
+        reached = (result or {}).get("ping") == "pong" or (result or {}).get("ansible_facts")
+        if reached and not (result or {}).get("failed") and not (result or {}).get("unreachable"):
             continue
         result = result or {}
         # The connection's own words first (e.g. docker's "Container ... is not running"), then Ansible's.
@@ -694,30 +695,35 @@ def unit_start_times(systemctl_show):
             for unit, at in _active_units(systemctl_show).items() if unit.startswith("celery-worker@")}
 
 
-def unit_main_pids(systemctl_show):
-    """{instance name: main PID} of the active celery-worker@ units in the same `systemctl show` output
-    (with -p MainPID)."""
-    pids = {}
-    for fields in _systemctl_units(systemctl_show):
-        unit = fields["Id"]
-        active = fields.get("ActiveState") == "active" and fields.get("MainPID", "0") != "0"
-        if active and unit.startswith("celery-worker@"):
-            pids[unit[len("celery-worker@"):].removesuffix(".service")] = int(fields["MainPID"])
-    return pids
-
-
-def transport_switched(grep_results, tls):
-    """Names of the running instances that connect to the broker the other way than `tls` says (TLS switched on
-    or off): Ansible's results of `grep --count --null-data '^CELERY_BROKER_URL=rediss://' /proc/<pid>/environ`
-    looped over unit_main_pids().items(). An instance whose environment could not be read is left to the roll."""
+def transport_switched(url_schemes, tls):
+    """Names of the running worker instances that connect to the broker the other way than `tls` says (TLS switched
+    on or off), from celery_fleet_host_state's url_schemes ({unit id: scheme of CELERY_BROKER_URL in its main
+    process's environment, "" when unset, None when unreadable}). An instance whose environment could not be read is
+    left to the roll."""
     switched = []
-    for result in grep_results or []:
-        count = str(result.get("stdout", "")).strip()
-        if result.get("skipped") or count not in ("0", "1"):
+    for unit, scheme in sorted((url_schemes or {}).items()):
+        if not unit.startswith("celery-worker@") or scheme is None:
             continue
-        if (count == "1") != bool(tls):
-            switched.append(result["item"][0])
+        if (scheme == "rediss") != bool(tls):
+            switched.append(unit[len("celery-worker@"):].removesuffix(".service"))
     return switched
+
+
+def units_off(units, names, active=None, enabled=None):
+    """Those of `names` (unit ids) that systemd does not hold as wanted: active (or not) when `active` is a bool,
+    enabled (or not) when `enabled` is. units: celery_fleet_host_state's parsed `systemctl show` ({id: properties});
+    a unit it does not list, or does not find, is inactive and not enabled. What a start/enable (or stop/disable)
+    task must still touch; the others it skips."""
+    off = []
+    for name in names or []:
+        fields = (units or {}).get(name) or {}
+        if fields.get("LoadState") == "not-found":
+            fields = {}
+        is_active = fields.get("ActiveState") == "active"
+        is_enabled = fields.get("UnitFileState") in ("enabled", "enabled-runtime", "static", "alias")
+        if (active is not None and is_active != bool(active)) or (enabled is not None and is_enabled != bool(enabled)):
+            off.append(name)
+    return off
 
 
 def beat_restart_due(systemctl_show, files):
@@ -1546,7 +1552,7 @@ class FilterModule:
             "celery_fleet_consumers_to_restore": consumers_to_restore,
             "celery_fleet_unit_start_times": unit_start_times,
             "celery_fleet_beat_restart_due": beat_restart_due,
-            "celery_fleet_unit_main_pids": unit_main_pids,
+            "celery_fleet_units_off": units_off,
             "celery_fleet_transport_switched": transport_switched,
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_changed_instances": changed_instances,

@@ -148,11 +148,15 @@ def test_unreached_names_each_host_that_did_not_answer_with_its_connection_s_rea
                      "module_stderr": "Error response from daemon: Container 2b4f is not running\n"}}},
         "web3": {"unreachable": True, "msg": "Failed to connect to the host via ssh: timed out"},
         "web4": {},
+        "web5": {"ansible_facts": {"ansible_nodename": "web5"}, "changed": False},
+        "web6": {"ansible_facts": {"discovered_interpreter_python": "/usr/bin/python3"}, "failed": True,
+                 "msg": "The following modules failed to execute: ansible.legacy.setup."},
     }
     assert cf.unreached(results) == [
         {"host": "web2", "reason": "web2: Error response from daemon: Container 2b4f is not running"},
         {"host": "web3", "reason": "web3: Failed to connect to the host via ssh: timed out"},
-        {"host": "web4", "reason": "web4: no answer"}]
+        {"host": "web4", "reason": "web4: no answer"},
+        {"host": "web6", "reason": "web6: The following modules failed to execute: ansible.legacy.setup."}]
 
 
 def test_extra_environment_accepts_plain_names_and_values():
@@ -341,15 +345,30 @@ def test_certificate_names_are_addresses_or_host_names_once_each():
         "DNS:broker1", "IP:172.18.0.5", "IP:127.0.0.1", "IP:::1", "DNS:redis.example.com"]
 
 
+def test_units_off_are_those_systemd_does_not_hold_as_wanted():
+    units = {"celery-worker@web.service": {"ActiveState": "active", "UnitFileState": "enabled"},
+             "celery-worker@gpu-1.service": {"ActiveState": "inactive", "UnitFileState": "enabled"},
+             "celery-worker@gpu-2.service": {"ActiveState": "active", "UnitFileState": "disabled"},
+             "celery-beat.service": {"ActiveState": "failed", "UnitFileState": "enabled"},
+             "gone.service": {"ActiveState": "inactive", "LoadState": "not-found"}}
+    names = ["celery-worker@web.service", "celery-worker@gpu-1.service", "celery-worker@gpu-2.service",
+             "celery-worker@new.service"]
+    assert cf.units_off(units, names, active=True, enabled=True) == names[1:]
+    assert cf.units_off(units, names, active=True) == ["celery-worker@gpu-1.service", "celery-worker@new.service"]
+    assert cf.units_off(units, names, enabled=True) == ["celery-worker@gpu-2.service", "celery-worker@new.service"]
+    assert cf.units_off(units, names, active=False, enabled=False) == names[:3]
+    assert cf.units_off(units, ["gone.service", "celery-worker@new.service"], active=False, enabled=False) == []
+    assert cf.units_off(units, ["celery-beat.service", "gone.service"], enabled=True) == ["gone.service"]
+    assert cf.units_off(units, ["celery-beat.service"], active=True) == ["celery-beat.service"]
+    assert cf.units_off(units, [], active=True) == []
+
+
 def test_instances_cut_off_by_a_switch_of_tls_are_found_from_their_environment():
-    show = ("Id=celery-worker@web.service\nActiveState=active\nActiveEnterTimestamp=x\nMainPID=101\n\n"
-            "Id=celery-worker@gpu-1.service\nActiveState=active\nActiveEnterTimestamp=x\nMainPID=102\n\n"
-            "Id=celery-worker@old.service\nActiveState=inactive\nActiveEnterTimestamp=x\nMainPID=0\n")
-    assert cf.unit_main_pids(show) == {"web": 101, "gpu-1": 102}
-    results = [{"item": ["web", 101], "stdout": "0"}, {"item": ["gpu-1", 102], "stdout": "1"},
-               {"item": ["gone", 103], "stdout": "", "rc": 2}, {"item": ["skipped", 104], "skipped": True}]
-    assert cf.transport_switched(results, tls=True) == ["web"]
-    assert cf.transport_switched(results, tls=False) == ["gpu-1"]
+    schemes = {"celery-worker@web.service": "redis", "celery-worker@gpu-1.service": "rediss",
+               "celery-worker@unset.service": "", "celery-worker@gone.service": None, "celery-beat.service": "redis"}
+    assert cf.transport_switched(schemes, tls=True) == ["unset", "web"]
+    assert cf.transport_switched(schemes, tls=False) == ["gpu-1"]
+    assert cf.transport_switched({}, tls=True) == []
 
 
 # --- The fleet's status ----------------------------------------------------------------------------------------------
