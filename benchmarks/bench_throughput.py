@@ -12,6 +12,12 @@ tasks per second and writes a JSON record to benchmarks/results/.
 With --compare-bare each round runs the fleet, then bare workers (Celery's defaults, started by hand from the same
 release on the same hosts), and the record gives the ratio of the medians and a PNG beside the JSON. Each run also
 records latency percentiles, send to result.
+
+With --breakdown each round also runs the fleet's own worker started by hand (its command line and environment,
+outside the unit: no sandbox, no cgroup limits) and that same worker with one fleet setting put back to Celery's
+default at a time, so the record says what each setting costs:
+
+    ./fleet bench-throughput --label breakdown --runs 3 --breakdown
 """
 
 from __future__ import annotations
@@ -89,20 +95,62 @@ def answering(client_host: str, nodes: list[str], timeout: float = 60.0) -> None
     sys.exit(f"{nodes} did not answer ping within {timeout:.0f} s")
 
 
-def to_bare(hosts: list[str], client_host: str, queue: str, concurrency: int) -> None:
-    """Stop the fleet's instances on `hosts` (a warm stop) and start a bare worker on each."""
+# The fleet's worker by hand: the instance's own options and environment (celery.env, instances/<name>.env), under
+# another node name, with one setting changed per variant: {variant: (environment overrides, options changed)}.
+VARIANTS = {
+    "by-hand": ({}, {}),
+    "no-acks-late": ({"CELERY_TASK_ACKS_LATE": "false", "CELERY_TASK_REJECT_ON_WORKER_LOST": "false"}, {}),
+    "no-task-events": ({"CELERY_FLEET_TASK_EVENTS": "false"}, {}),
+    "prefetch-4": ({}, {"--prefetch-multiplier": "4"}),
+    "mingle-gossip": ({}, {"--without-mingle": None, "--without-gossip": None}),
+    "loglevel-warning": ({}, {"--loglevel": "WARNING"}),
+}
+BY_HAND = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && "
+           ". /etc/celery-fleet/instances/{instance}.env && set +a && "
+           "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 {environment} "
+           "/opt/celery-fleet/current/venv/bin/celery --app celery_fleet_runtime:app worker {options} "
+           "> /tmp/celery-fleet-bare.log 2>&1")
+
+
+def variant_options(arguments: str, changes: dict, node: str) -> str:
+    """The instance's CELERY_WORKER_ARGS with the variant's changes (None drops an option) and another node name."""
+    options = {}
+    for argument in arguments.split():
+        name, _, value = argument.partition("=")
+        options[name] = value or None
+    options.update(changes | {"--hostname": node})
+    return " ".join(name if value is None else f"{name}={value}" for name, value in options.items()
+                    if not (name in changes and changes[name] is None))
+
+
+def instance_arguments(host: str, instance: str) -> str:
+    text = lab(host, "cat", f"/etc/celery-fleet/instances/{instance}.env").stdout
+    return next(line.split("=", 1)[1].strip().strip('"') for line in text.splitlines()
+                if line.startswith("CELERY_WORKER_ARGS="))
+
+
+def to_bare(hosts: list[str], client_host: str, queue: str, concurrency: int, variant: str = "bare",
+            instance: str = "web") -> None:
+    """Stop the fleet's instances on `hosts` (a warm stop) and start a bare worker (or a by-hand variant) on each."""
     for host in hosts:
+        if variant == "bare":
+            command = BARE.format(queue=queue, concurrency=concurrency, host=host)
+        else:
+            environment, changes = VARIANTS[variant]
+            command = BY_HAND.format(instance=instance, environment=" ".join(f"{k}={v}" for k, v in environment.items()),
+                                     options=variant_options(instance_arguments(host, instance), changes,
+                                                             f"bare@{host}"))
         lab(host, "systemctl", "stop", "celery-workers.target")
-        subprocess.run(["docker", "exec", "-d", f"celery-fleet-lab-{host}", "bash", "-c",
-                        BARE.format(queue=queue, concurrency=concurrency, host=host)], check=True)
+        subprocess.run(["docker", "exec", "-d", f"celery-fleet-lab-{host}", "bash", "-c", command], check=True)
     answering(client_host, [f"bare@{host}" for host in hosts])
 
 
 def to_fleet(hosts: list[str], client_host: str, nodes: list[str]) -> None:
     """Stop the bare workers (SIGTERM, waited for) and start the fleet's instances again."""
     for host in hosts:
-        lab(host, "bash", "-c", "pkill -TERM -f 'celery --app celery_fleet_app worker' ; "
-                                "while pgrep -f 'celery --app celery_fleet_app worker' > /dev/null; do sleep 0.2; done",
+        # ([w]: the pattern must not match this shell's own command line.)
+        lab(host, "bash", "-c", "pkill -TERM -f '[w]orker.*bare@' ; "
+                                "while pgrep -f '[w]orker.*bare@' > /dev/null; do sleep 0.2; done",
             check=False)
         lab(host, "systemctl", "start", "celery-workers.target")
     answering(client_host, nodes)
@@ -115,16 +163,19 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, colour in (("fleet", "tab:blue"), ("bare", "tab:orange")):
+    modes = list(dict.fromkeys(run["mode"] for run in runs))
+    width = 0.8 / len(modes)
+    for index, mode in enumerate(modes):
+        colour = f"C{index}"
         mine = [run for run in runs if run["mode"] == mode]
         left.plot([run["round"] for run in mine], [run["tasks_per_second"] for run in mine], "o-", color=colour,
                   label=mode)
         for offset, key in enumerate(("latency_p50", "latency_p95", "latency_p99")):
-            right.bar([run["round"] + (offset - 1) * 0.13 + (0.4 if mode == "bare" else 0) for run in mine],
-                      [run[key] for run in mine], width=0.12, color=colour, alpha=0.4 + 0.2 * offset)
+            right.bar([run["round"] - 0.4 + index * width + offset * width / 3 for run in mine],
+                      [run[key] for run in mine], width=width / 3, color=colour, alpha=0.4 + 0.2 * offset)
     left.set(xlabel="round", ylabel="tasks/s", title="throughput")
     left.legend()
-    right.set(xlabel="round (left: fleet, right: bare; p50/p95/p99)", ylabel="s, send to result",
+    right.set(xlabel="round (modes left to right as in the legend; p50/p95/p99)", ylabel="s, send to result",
               title="latency")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -141,18 +192,23 @@ def main():
                         help="alternate with bare workers (Celery's defaults) on the --worker-hosts, same release")
     parser.add_argument("--worker-hosts", default="web1,web2", help="hosts whose fleet nodes consume --queue")
     parser.add_argument("--concurrency", type=int, default=8, help="the bare workers' concurrency (the fleet's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the fleet's worker by hand, and with each setting at Celery's default (VARIANTS)")
+    parser.add_argument("--instance", default="web", help="the worker hosts' instance the by-hand variants copy")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     args = parser.parse_args()
     hosts = args.worker_hosts.split(",")
     fleet_nodes = [f"web-worker@{host}" for host in hosts]
+    modes = ["fleet"] + (["bare"] if args.compare_bare or args.breakdown else []) + (
+        list(VARIANTS) if args.breakdown else [])
     runs = []
     try:
         for number in range(1, args.runs + 1):
-            for mode in (("fleet", "bare") if args.compare_bare else ("fleet",)):
-                if mode == "bare":
-                    to_bare(hosts, args.host, args.queue, args.concurrency)
+            for mode in modes:
+                if mode != "fleet":
+                    to_bare(hosts, args.host, args.queue, args.concurrency, mode, args.instance)
                 result = run_once(args.host, args.tasks, args.queue) | {"mode": mode, "round": number}
-                if mode == "bare":
+                if mode != "fleet":
                     to_fleet(hosts, args.host, fleet_nodes)
                 runs.append(result)
                 print(f"{args.label} {mode} run {number}: {result['tasks']} tasks in {result['seconds']:.2f} s "
@@ -160,22 +216,28 @@ def main():
                       f"p50/p95/p99 {result['latency_p50']:.3f}/{result['latency_p95']:.3f}/"
                       f"{result['latency_p99']:.3f} s)", flush=True)
     finally:
-        if args.compare_bare:  # never leave the lab on bare workers
+        if len(modes) > 1:  # never leave the lab on bare workers
             to_fleet(hosts, args.host, fleet_nodes)
     medians = {mode: statistics.median(run["tasks_per_second"] for run in runs if run["mode"] == mode)
-               for mode in {run["mode"] for run in runs}}
+               for mode in modes}
     record = {"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
-              "median_tasks_per_second": medians["fleet"], "medians": medians}
+              "median_tasks_per_second": medians["fleet"], "medians": medians,
+              "variants": {name: {"environment": environment, "options": options}
+                           for name, (environment, options) in VARIANTS.items() if name in modes}}
     if "bare" in medians:
         record["ratio_fleet_to_bare"] = round(medians["fleet"] / medians["bare"], 3)
+    if args.breakdown:
+        # What each setting costs: the by-hand worker against itself with that one setting at Celery's default.
+        record["ratio_to_by_hand"] = {mode: round(medians[mode] / medians["by-hand"], 3) for mode in modes}
     print(f"{args.label}: median tasks/s {json.dumps(medians)}"
-          + (f", fleet/bare {record['ratio_fleet_to_bare']}" if "bare" in medians else ""))
+          + (f", fleet/bare {record['ratio_fleet_to_bare']}" if "bare" in medians else "")
+          + (f", each against by-hand {json.dumps(record['ratio_to_by_hand'])}" if args.breakdown else ""))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record["at"] = stamp
     output = Path(args.output) / f"throughput-{args.label}-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
-    if args.compare_bare:
+    if len(modes) > 1:
         plot(runs, output.with_suffix(".png"))
     print(f"record: {output}")
 

@@ -187,17 +187,44 @@ def _accounts(user, group):
     return accounts
 
 
-def _packages(module, names):
+def _packages(run_command, names):
     if not names:
         return {}
     versions = dict.fromkeys(names)
-    rc, out, _err = module.run_command(["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Abbrev}\t${Version}\n",
-                                        *names])
+    # (Exit 1 when some are not installed: the others are still listed.)
+    _rc, out, _err = run_command(["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Abbrev}\t${Version}\n", *names])
     for line in out.splitlines():
         name, status, version = (line.split("\t") + ["", ""])[:3]
         if name in versions and status.startswith("ii"):
             versions[name] = version
     return versions
+
+
+def read_state(params, run_command):
+    """Everything the parameters ask for; run_command(argv) -> (rc, stdout, stderr) runs systemctl and dpkg-query."""
+    units_show, units, schemes = "", {}, {}
+    if params.get("units"):
+        argv = ["systemctl", "show", "--timestamp=us+utc"]
+        for prop in SHOW_PROPERTIES:
+            argv += ["-p", prop]
+        # No init system (a host being built): nothing runs, nothing is installed.
+        _rc, units_show, _err = run_command(argv + list(params["units"]))
+        units = _parse_show(units_show)
+    if params.get("url_scheme_of"):
+        for unit, fields in units.items():
+            if fields.get("ActiveState") == "active" and fields.get("MainPID", "0") not in ("", "0"):
+                schemes[unit] = _url_scheme(fields["MainPID"], params["url_scheme_of"])
+    return {
+        "units_show": units_show,
+        "units": units,
+        "url_schemes": schemes,
+        "paths": {path: _describe(path) for path in params.get("paths") or []},
+        "contents": {path: _read(path) for path in params.get("read") or []},
+        "found": [_find({"patterns": ["*"], "recurse": False, "file_type": "file"} | spec)
+                  for spec in params.get("find") or []],
+        "accounts": _accounts(params.get("user"), params.get("group")),
+        "packages": _packages(run_command, params.get("packages") or []),
+    }
 
 
 def main():
@@ -218,30 +245,7 @@ def main():
         },
         supports_check_mode=True,
     )
-    params = module.params
-    units_show, units, schemes = "", {}, {}
-    if params["units"]:
-        argv = ["systemctl", "show", "--timestamp=us+utc"]
-        for prop in SHOW_PROPERTIES:
-            argv += ["-p", prop]
-        # No init system (a host being built): nothing runs, nothing is installed.
-        _rc, units_show, _err = module.run_command(argv + params["units"])
-        units = _parse_show(units_show)
-    if params["url_scheme_of"]:
-        for unit, fields in units.items():
-            if fields.get("ActiveState") == "active" and fields.get("MainPID", "0") not in ("", "0"):
-                schemes[unit] = _url_scheme(fields["MainPID"], params["url_scheme_of"])
-    module.exit_json(
-        changed=False,
-        units_show=units_show,
-        units=units,
-        url_schemes=schemes,
-        paths={path: _describe(path) for path in params["paths"]},
-        contents={path: _read(path) for path in params["read"]},
-        found=[_find(spec) for spec in params["find"]],
-        accounts=_accounts(params["user"], params["group"]),
-        packages=_packages(module, params["packages"]),
-    )
+    module.exit_json(changed=False, **read_state(module.params, module.run_command))
 
 
 if __name__ == "__main__":
