@@ -6,6 +6,7 @@ YAML only orchestrates.
 """
 
 import hashlib
+import json
 import re
 
 NVIDIA_SMI_LINE = re.compile(r"^GPU (?P<index>\d+): .*?(?:\(UUID: (?P<uuid>[^)]+)\))?\s*$")
@@ -707,6 +708,19 @@ def transport_switched(url_schemes, tls):
         if (scheme == "rediss") != bool(tls):
             switched.append(unit[len("celery-worker@"):].removesuffix(".service"))
     return switched
+
+
+def app_check_cached(text, request):
+    """The application check's report kept beside a release (install.yml), when it was made for `request` (the
+    digest of what the check is asked), else None: the check runs again. A file that is missing, too large for one
+    read (celery_fleet_host_state returns none) or not the JSON the role writes is no report."""
+    try:
+        kept = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(kept, dict) or kept.get("request") != request or not isinstance(kept.get("report"), dict):
+        return None
+    return kept["report"]
 
 
 def units_off(units, names, active=None, enabled=None):
@@ -1553,6 +1567,7 @@ class FilterModule:
             "celery_fleet_unit_start_times": unit_start_times,
             "celery_fleet_beat_restart_due": beat_restart_due,
             "celery_fleet_units_off": units_off,
+            "celery_fleet_app_check_cached": app_check_cached,
             "celery_fleet_transport_switched": transport_switched,
             "celery_fleet_pending_restarts": pending_restarts,
             "celery_fleet_changed_instances": changed_instances,

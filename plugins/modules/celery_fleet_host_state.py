@@ -28,12 +28,14 @@ options:
     elements: path
     default: []
   read:
-    description: Small text files to read whole (at most 64 KiB each); a missing or unreadable file is null.
+    description: Small text files to read whole (at most 1 MiB each); a missing, larger or unreadable file is null.
     type: list
     elements: path
     default: []
   find:
-    description: Listings, each like Ansible's find (paths, glob patterns on the base name, recurse, file_type).
+    description: >-
+      Listings, each like Ansible's find (paths, glob patterns on the base name, recurse, file_type; hidden names,
+      those starting with a dot, left out as find leaves them out).
     type: list
     elements: dict
     default: []
@@ -103,7 +105,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 SHOW_PROPERTIES = ["Id", "LoadState", "ActiveState", "ActiveEnterTimestamp", "MainPID", "MemoryCurrent", "MemoryMax",
                    "UnitFileState"]
-READ_LIMIT = 64 * 1024
+READ_LIMIT = 1024 * 1024
 
 
 def _describe(path):
@@ -120,9 +122,11 @@ def _describe(path):
 def _read(path):
     try:
         with open(path, "rb") as handle:
-            return handle.read(READ_LIMIT).decode("utf-8", "replace")
+            data = handle.read(READ_LIMIT + 1)
     except OSError:
         return None
+    # Never a truncated text: a caller would parse half a file.
+    return None if len(data) > READ_LIMIT else data.decode("utf-8", "replace")
 
 
 def _find(spec):
@@ -130,7 +134,8 @@ def _find(spec):
     found = []
     for top in spec["paths"]:
         for root, dirs, files in os.walk(top):
-            for name in sorted(dirs + files):
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+            for name in sorted(dirs + [name for name in files if not name.startswith(".")]):
                 path = os.path.join(root, name)
                 try:
                     info = os.lstat(path)
@@ -245,7 +250,13 @@ def main():
         },
         supports_check_mode=True,
     )
-    module.exit_json(changed=False, **read_state(module.params, module.run_command))
+    def run_command(argv):
+        # A host without systemd or dpkg (one being built, a container) has nothing running or installed.
+        if module.get_bin_path(argv[0]) is None:
+            return 127, "", f"{argv[0]} not found"
+        return module.run_command(argv)
+
+    module.exit_json(changed=False, **read_state(module.params, run_command))
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,15 @@ def test_broker_urls_that_would_not_check_the_broker_are_refused(url, problem):
 def test_certificate_names_are_addresses_or_host_names_once_each():
     assert cf.tls_names(["broker1", "", None, "172.18.0.5", "127.0.0.1", "broker1", "::1", "redis.example.com"]) == [
         "DNS:broker1", "IP:172.18.0.5", "IP:127.0.0.1", "IP:::1", "DNS:redis.example.com"]
+
+
+def test_a_kept_application_check_counts_only_for_the_same_request():
+    report = {"tasks": ["acme.add"], "settings": {"task_acks_late": True}}
+    kept = json.dumps({"request": "abc", "report": report})
+    assert cf.app_check_cached(kept, "abc") == report
+    assert cf.app_check_cached(kept, "abd") is None
+    for text in (None, "", "{", '{"request": "abc"}', '{"request": "abc", "report": "x"}', "[1]"):
+        assert cf.app_check_cached(text, "abc") is None, text
 
 
 def test_units_off_are_those_systemd_does_not_hold_as_wanted():

@@ -41,7 +41,8 @@ def test_small_files_are_read_and_missing_ones_are_none(tmp_path):
                                 fake_run()[0])["contents"]
     assert contents[str(tmp_path / "mark")] == "digest pkg\n"
     assert contents[str(tmp_path / "nope")] is None
-    assert len(contents[str(tmp_path / "big")]) == state.READ_LIMIT
+    # Never half a file: one over the limit reads as none.
+    assert contents[str(tmp_path / "big")] is None
 
 
 def test_listings_are_like_find_with_patterns_recursion_and_types(tmp_path):
@@ -51,6 +52,9 @@ def test_listings_are_like_find_with_patterns_recursion_and_types(tmp_path):
     (tmp_path / "instances" / "sub").mkdir()
     (tmp_path / "instances" / "sub" / "deep.env").write_text("x")
     (tmp_path / "instances" / "link.env").symlink_to(tmp_path / "instances" / "web.env")
+    # Hidden names are left out, as Ansible's find leaves them out (never pruned, never taken for an instance).
+    (tmp_path / "instances" / ".hidden.env").write_text("x")
+    (tmp_path / ".trash").mkdir()
     found = state.read_state({"find": [
         {"paths": [str(tmp_path / "instances")], "patterns": ["*.env"]},
         {"paths": [str(tmp_path / "instances")], "patterns": ["*.env"], "recurse": True},
