@@ -32,6 +32,22 @@ def lab(playbook: str, environment: dict) -> None:
     run_once(INVENTORIES, "linear", None, playbook, environment)
 
 
+INOTIFY_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
+# Each container's systemd watches paths with inotify instances of the host's root user: 22 containers outgrow
+# the kernel's default 128 (their .path units fail at boot: systemd "degraded").
+INOTIFY_NEEDED = 1024
+
+
+def raise_inotify_limit() -> None:
+    if int(INOTIFY_INSTANCES.read_text()) < INOTIFY_NEEDED:
+        try:
+            INOTIFY_INSTANCES.write_text(f"{INOTIFY_NEEDED}\n")
+        except OSError as error:
+            sys.exit(f"fs.inotify.max_user_instances must be at least {INOTIFY_NEEDED} for a bigger lab "
+                     f"(sysctl -w fs.inotify.max_user_instances={INOTIFY_NEEDED}): {error}")
+        print(f"fs.inotify.max_user_instances raised to {INOTIFY_NEEDED} (each container's systemd uses some)")
+
+
 def measure(size: int, forks: int | None, noop_runs: int) -> dict:
     environment = {"CELERY_FLEET_LAB_WEB_HOSTS": str(size - FIXED_WORKER_HOSTS)}
     lab("lab_down.yml", environment)
@@ -86,21 +102,24 @@ def main() -> None:
         shutil.rmtree(PROJECT / ".cache" / "wheelhouse", ignore_errors=True)
     record = {"label": args.label, "forks": args.forks, "cores": len(os.sched_getaffinity(0)),
               "sizes": [], "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    raise_inotify_limit()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    output = Path(args.output) / f"scale-{args.label}-{stamp}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
     for size in sizes:
         entry = measure(size, args.forks, args.noop_runs)
         record["sizes"].append(entry)
         print(f"{size} worker hosts: " + ", ".join(
             f"{phase} {run['wall_seconds']} s (controller CPU {run['controller_cpu_seconds']} s)"
             for phase, run in entry["phases"].items()), flush=True)
+        # Written after each size: a later size that fails leaves the earlier ones on record.
+        output.write_text(json.dumps(record, indent=2) + "\n")
     if len(sizes) > 1:
         first, last = record["sizes"][0], record["sizes"][-1]
         record["noop_seconds_per_added_worker_host"] = round(
             (last["phases"]["noop_converge"]["wall_seconds"] - first["phases"]["noop_converge"]["wall_seconds"])
             / (last["worker_hosts"] - first["worker_hosts"]), 2)
         print(f"no-op site.yml grows by {record['noop_seconds_per_added_worker_host']} s per added worker host")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = Path(args.output) / f"scale-{args.label}-{stamp}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     plot(record, output.with_suffix(".png"))
     print(f"record: {output}")
