@@ -25,7 +25,8 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained, status]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained, status,
+              restart_consuming]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -83,9 +84,25 @@ options:
   deadline:
     description:
       - Seconds after which the whole call gives up and fails, whatever the broker does (one that accepts
-        connections and never answers included).
+        connections and never answers included). For C(restart_consuming), the bound of its wait.
     type: float
     default: 30.0
+  unit:
+    description: >-
+      For C(restart_consuming): the systemd unit to stop (systemd's own stop: the unit's KillSignal and
+      TimeoutStopSec), then, once every I(links) entry points at its target, to start; then the call waits as
+      C(wait_consuming) does for I(destination) to consume exactly I(queues). One module run for what were four, so
+      that a roll keeps a node out of service for its own stop and start and not for Ansible's tasks. A failure
+      names its step in C(step) (stop, start or health check). In check mode it only waits.
+    type: str
+  links:
+    description: For C(restart_consuming), symbolic links to point (atomically) between the stop and the start.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      path: {type: path, required: true, description: The link.}
+      target: {type: path, required: true, description: What it points at.}
 author: celery-fleet
 """
 
@@ -114,9 +131,23 @@ consuming:
   type: bool
   returned: when action is wait_consuming
 seconds:
-  description: For C(wait_consuming) and C(wait_drained), seconds from the call's start to its last answer.
+  description: >-
+    For C(wait_consuming) and C(wait_drained), seconds from the call's start to its last answer; for
+    C(restart_consuming), from the unit's start to the node consuming.
   type: float
-  returned: when action is wait_consuming or wait_drained
+  returned: when action is wait_consuming, wait_drained or restart_consuming
+stop_seconds:
+  description: For C(restart_consuming), how long the unit took to stop.
+  type: float
+  returned: when action is restart_consuming
+start_seconds:
+  description: For C(restart_consuming), how long systemd took to start the unit.
+  type: float
+  returned: when action is restart_consuming
+step:
+  description: For a failed C(restart_consuming), the step that failed (stop, start or health check).
+  type: str
+  returned: on failure of restart_consuming
 nodes_status:
   description: >-
     For C(status): per answering node, C(pool), C(concurrency), C(active), C(reserved), C(processed) (tasks
@@ -374,6 +405,42 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     return True, replies
 
 
+class StepFailed(Exception):
+    """A step of restart_consuming failed; `step` names it (stop, start, health check)."""
+
+    def __init__(self, step, message):
+        super().__init__(message)
+        self.step = step
+
+
+def point(path, target):
+    """Make `path` a symbolic link to `target` in one rename (never missing in between)."""
+    temporary = f"{path}.celery-fleet-{os.getpid()}"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, path)
+
+
+def restart(unit, links, run_command):
+    """Stop `unit`, point `links` ([{"path", "target"}]), start it: {"stop_seconds", "start_seconds"}.
+    run_command(argv) -> (rc, stdout, stderr). Raises StepFailed naming the step."""
+    started = time.monotonic()
+    rc, _out, err = run_command(["systemctl", "stop", unit])
+    if rc != 0:
+        raise StepFailed("stop", f"systemctl stop {unit} failed (exit {rc}): {err.strip()[-500:]}")
+    stopped = time.monotonic()
+    for link in links or []:
+        try:
+            point(link["path"], link["target"])
+        except OSError as error:
+            raise StepFailed("start", f"pointing {link['path']} at {link['target']} failed: {error}") from error
+    rc, _out, err = run_command(["systemctl", "start", unit])
+    if rc != 0:
+        raise StepFailed("start", f"systemctl start {unit} failed (exit {rc}): {err.strip()[-500:]}")
+    return {"stop_seconds": round(stopped - started, 2), "start_seconds": round(time.monotonic() - stopped, 2)}
+
+
 class DeadlineExceeded(Exception):
     pass
 
@@ -436,7 +503,7 @@ def main():
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
                        "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                   "wait_consuming", "wait_drained", "status"]},
+                                   "wait_consuming", "wait_drained", "status", "restart_consuming"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
@@ -448,11 +515,15 @@ def main():
             "timeout": {"type": "float", "default": 2.0},
             "transport_options": {"type": "dict", "default": {}},
             "deadline": {"type": "float", "default": 30.0},
+            "unit": {"type": "str"},
+            "links": {"type": "list", "elements": "dict", "default": [], "options": {
+                "path": {"type": "path", "required": True}, "target": {"type": "path", "required": True}}},
         },
         mutually_exclusive=[("queue", "queues")],
         required_if=[("action", "cancel_consumer", ["queue", "queues"], True),
                      ("action", "add_consumer", ["queue", "queues"], True),
                      ("action", "wait_consuming", ["destination", "queues"]),
+                     ("action", "restart_consuming", ["destination", "queues", "unit"]),
                      ("action", "wait_drained", ["destination"])],
         supports_check_mode=True,
     )
@@ -460,8 +531,15 @@ def main():
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
     params = module.params
     app = client_app(params["broker_url"], params["transport_options"])
+    timings = {}
+    if params["action"] == "restart_consuming" and not module.check_mode:
+        try:
+            timings = restart(params["unit"], params["links"], module.run_command)
+        except StepFailed as failure:
+            app.close()
+            module.fail_json(msg=str(failure), step=failure.step)
     # One bounded call for every action; the waits report their outcome, the others (changed, replies).
-    if params["action"] == "wait_consuming":
+    if params["action"] in ("wait_consuming", "restart_consuming"):
         call = (wait_consuming, app, params["destination"], params["queues"], params["wait"], params["timeout"],
                 params["poll"])
     elif params["action"] == "status":
@@ -475,9 +553,12 @@ def main():
     try:
         outcome = within(params["deadline"], *call)
     except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
-        module.fail_json(msg=f"celery control {params['action']} failed: {error}")
+        module.fail_json(msg=f"celery control {params['action']} failed: {error}", **timings,
+                         **({"step": "health check"} if params["action"] == "restart_consuming" else {}))
     finally:
         app.close()
+    if params["action"] == "restart_consuming":
+        module.exit_json(changed=not module.check_mode, nodes=sorted(outcome["replies"]), **outcome, **timings)
     if params["action"] in ("wait_consuming", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     if params["action"] == "status":
