@@ -153,7 +153,7 @@ def test_documentation_parses_and_matches_the_argument_spec():
     documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
     yaml.safe_load(celery_control.RETURN)
     assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                               "wait_consuming", "wait_drained", "status"]
+                                               "wait_consuming", "wait_drained", "status", "restart_consuming"]
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
@@ -411,3 +411,68 @@ def test_status_on_a_broker_whose_acl_predates_lindex_and_hscan_still_counts_the
         admin.execute_command("ACL", "DELUSER", "oldacl")
         admin.close()
     assert celery_control.wait_drained(worker, [NODE], wait=20)["drained"] is True
+
+
+def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_node(broker_url, worker, tmp_path):
+    """restart_consuming's steps with a stand-in for systemctl that stops and starts a real worker: the stop waits
+    for the warm shutdown, the links point at their targets before the start, and the wait sees the new node."""
+    node = "rolled-worker@localhost"
+    env = dict(os.environ, CELERY_BROKER_URL=broker_url, PYTHONPATH=str(APP_SRC))
+    command = [sys.executable, "-m", "celery", "--app", "celery_fleet_app", "worker", "--pool=threads",
+               "--concurrency=1", f"--hostname={node}", "--queues=batch", "--without-mingle", "--without-gossip",
+               "--loglevel=WARNING"]
+    processes, calls = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)], []
+    (tmp_path / "releases" / "old").mkdir(parents=True)
+    (tmp_path / "releases" / "new").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "old")
+
+    def systemctl(argv):
+        calls.append((argv, os.readlink(tmp_path / "current")))
+        if argv[1] == "stop":
+            processes[-1].terminate()
+            processes[-1].wait(30)
+        else:
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return 0, "", ""
+
+    try:
+        assert celery_control.wait_consuming(worker, [node], ["batch"], wait=30)["consuming"]
+        timings = celery_control.restart("celery-worker@batch.service", [
+            {"path": str(tmp_path / "previous"), "target": str(tmp_path / "releases" / "old")},
+            {"path": str(tmp_path / "current"), "target": str(tmp_path / "releases" / "new")}], systemctl)
+        assert [argv for argv, _ in calls] == [["systemctl", "stop", "celery-worker@batch.service"],
+                                              ["systemctl", "start", "celery-worker@batch.service"]]
+        # Stopped on the old release, started on the new one; the release it left recorded.
+        assert [link for _, link in calls] == [str(tmp_path / "releases" / "old"), str(tmp_path / "releases" / "new")]
+        assert os.readlink(tmp_path / "previous") == str(tmp_path / "releases" / "old")
+        assert processes[0].returncode is not None and timings["stop_seconds"] > 0
+        outcome = celery_control.wait_consuming(worker, [node], ["batch"], wait=30)
+        assert outcome["consuming"] is True, outcome
+        print(f"\nrestart: stop {timings['stop_seconds']} s, start {timings['start_seconds']} s, "
+              f"start to consuming {outcome['seconds']} s")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+
+
+def test_restart_names_the_step_that_failed(tmp_path):
+    def failing(step):
+        def systemctl(argv):
+            return (1, "", f"Job for {argv[2]} failed.") if argv[1] == step else (0, "", "")
+        return systemctl
+
+    with pytest.raises(celery_control.StepFailed, match="systemctl stop unit.service failed") as failure:
+        celery_control.restart("unit.service", [], failing("stop"))
+    assert failure.value.step == "stop"
+    with pytest.raises(celery_control.StepFailed) as failure:
+        celery_control.restart("unit.service", [], failing("start"))
+    assert failure.value.step == "start"
+    # A link that cannot be made (a directory in its place) fails the start, before systemd is asked to start.
+    (tmp_path / "current").mkdir()
+    calls = []
+    with pytest.raises(celery_control.StepFailed, match="pointing") as failure:
+        celery_control.restart("unit.service", [{"path": str(tmp_path / "current"), "target": "/x"}],
+                               lambda argv: calls.append(argv) or (0, "", ""))
+    assert failure.value.step == "start" and calls == [["systemctl", "stop", "unit.service"]]
+    assert not list(tmp_path.glob("current.celery-fleet-*"))
