@@ -41,18 +41,20 @@ class Fleet:
     ledger task the load sends (args: seconds, token, ledger key), the example app's unless the lab runs another.
     """
 
-    def __init__(self, inventories=(LAB_INVENTORY,), rates=None, durations=(0.0, 5.0), task=fleetload.LEDGER_TASK):
+    def __init__(self, inventories=(LAB_INVENTORY,), rates=None, durations=(0.0, 5.0), task=fleetload.LEDGER_TASK,
+                 expected_nodes=EXPECTED_NODES, allowed_out=None):
         self.inventories = [str(source) for source in inventories]
         self.rates, self.durations, self.task = rates, durations, task
+        self.expected_nodes = expected_nodes
         self.client = fleetload.lab_client(self.inventories, PROJECT)
         self.host_groups = fleetload.worker_groups(self.inventories, PROJECT)
-        self.nodes = fleetload.discover_nodes(self.client, EXPECTED_NODES)
+        self.nodes = fleetload.discover_nodes(self.client, expected_nodes)
         self.secret_markers = secret_markers(self.client)
         self.node_groups = {node: self.host_groups[fleetload.node_host(node)] for node in self.nodes}
         # A batch of N hosts rolls their instances one after another: at most N nodes out at once. Worked out
         # by hand, not by the role's plan: the lab's groups have 2, 1 and 1 hosts, and serial [1, '25%']
         # makes batches of one host in each (25% of 2 rounds down to 0, and a batch has at least one host).
-        self.allowed_out = {"web": 1, "batch": 1, "gpu": 1}
+        self.allowed_out = allowed_out or {"web": 1, "batch": 1, "gpu": 1}
         assert set(self.host_groups.values()) == set(self.allowed_out), self.host_groups
 
     def units(self):
@@ -70,8 +72,8 @@ class Fleet:
         return {name: os.path.basename(lab_host(name).check_output("readlink /opt/celery-fleet/current"))
                 for name in self.host_groups}
 
-    def consuming(self, expected=EXPECTED_NODES, timeout=30.0):
-        return fleetload.discover_nodes(self.client, expected, timeout=timeout)
+    def consuming(self, expected=None, timeout=30.0):
+        return fleetload.discover_nodes(self.client, expected or self.expected_nodes, timeout=timeout)
 
     def run_playbook(self, playbook, *extra_args, timeout=1200):
         return fleetload.run_playbook(playbook, *extra_args, inventory=self.inventories, project=PROJECT,

@@ -13,7 +13,9 @@ instances), and a roll whose drain times out. Faults (a killed run, the broker, 
 """
 
 import json
+import os
 import shutil
+import subprocess
 import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -241,3 +243,71 @@ def test_a_drain_that_times_out_leaves_the_node_running_and_consuming(fleet):
     assert fleet.consuming() == fleet.nodes
     assert_every_task_ran_exactly_once(fleet, report, minimum=50)  # a short run: about 30 s of load
     assert_capacity_kept(report)
+
+
+def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits_for_its_batch(fleet):
+    """Four web hosts (web3 and web4 from inventories/lab-scale, one slot each) and serial [1, '50%']: a canary,
+    then web2 and web3 together, then web4.
+    - The guard never counts a batch-mate: with celery_worker_rolling_min_online 3, the canary rolls (three others in
+      service), and the second batch is refused, each host seeing only web1 and web4 (counting the other host of its
+      batch would have made three).
+    - A failure waits for its batch: with web3's node frozen (SIGSTOP) and min_online 2, web3's drain fails while
+      web2, in the same batch, finishes its roll; the run then stops, and web4 is never touched.
+    Under load, every task runs exactly once, and at most two web nodes are out of service at any time."""
+    environment = {"CELERY_FLEET_LAB_WEB_HOSTS": "4"}
+    inventories = fleetlab.ROLLING_INVENTORIES + [PROJECT / "inventories" / "lab-scale"]
+    os.environ.update(environment)
+    try:
+        for playbook, args in (("lab_up.yml", ()), ("site.yml", ("--limit", "web3,web4"))):
+            rc, output = fleetload.run_playbook(playbook, *args, inventory=[str(i) for i in inventories],
+                                                project=PROJECT, timeout=900)
+            assert rc == 0, output[-4000:]
+        big = fleetlab.Fleet(inventories, rates=RATES, expected_nodes=fleetlab.EXPECTED_NODES + 2,
+                             allowed_out={"web": 2, "batch": 1, "gpu": 1})
+        serial = {"celery_worker_rolling_serial": [1, "50%"], "celery_worker_rolling_order": ["web"]}
+
+        before = big.units()
+        rc, output = big.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
+                                      json.dumps(serial | {"celery_worker_rolling_min_online": 3}))
+        assert rc != 0, output[-4000:]
+        message = " ".join(output.split())
+        for host in ("web2", "web3"):
+            assert (f"Rolling restart failed on {host}, instance web (web-worker@{host}), at step 'capacity guard': "
+                    "Capacity guard: 2 other node(s) of group web are in service (web-worker@web1, web-worker@web4); "
+                    "celery_worker_rolling_min_online needs 3.") in message, output[-4000:]
+        after = big.units()
+        assert after["web1"] != before["web1"], "the canary did not roll"
+        assert {host: after[host] for host in ("web2", "web3", "web4")} == {
+            host: before[host] for host in ("web2", "web3", "web4")}
+
+        web3 = fleetlab.lab_host("web3")
+        before = big.units()
+        web3.check_output("systemctl kill --signal=STOP celery-worker@web.service")
+        try:
+            rc, output, report = big.under_load(
+                lambda load: big.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
+                                              json.dumps(serial | {"celery_worker_rolling_min_online": 2,
+                                                                   # (The roll's prepare waits this long for web3.)
+                                                                   "celery_worker_rolling_start_timeout": 15})),
+                "rolling_restart.yml (four web hosts, web3 frozen)")
+        finally:
+            web3.check_output("systemctl kill --signal=CONT celery-worker@web.service")
+        assert rc != 0, output[-4000:]
+        message = " ".join(output.split())
+        assert "Rolling restart failed on web3, instance web (web-worker@web3), at step 'drain'" in message, (
+            output[-4000:])
+        after = big.units()
+        assert after["web1"] != before["web1"] and after["web2"] != before["web2"], "the batch did not finish"
+        assert after["web3"] == before["web3"] and after["web4"] == before["web4"]
+        assert report["max_out_of_service"]["web"] == 2, report["max_out_of_service"]
+        assert big.consuming(timeout=60) and len(big.consuming()) == fleetlab.EXPECTED_NODES + 2
+        fleetlab.assert_every_task_ran_exactly_once(big, report, minimum=50)
+        fleetlab.assert_capacity_kept(report)
+    finally:
+        # The usual lab again: web3 and web4 stop warmly (what they hold goes back to the queues), then go.
+        for host in ("web3", "web4"):
+            subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", "systemctl", "stop", "celery-workers.target"],
+                           capture_output=True, timeout=120)
+            subprocess.run(["docker", "rm", "-f", f"celery-fleet-lab-{host}"], capture_output=True, timeout=60)
+        for name in environment:
+            os.environ.pop(name, None)
