@@ -415,7 +415,8 @@ class StepFailed(Exception):
 
 def point(path, target):
     """Make `path` a symbolic link to `target` in one rename (never missing in between)."""
-    temporary = f"{path}.celery-fleet-{os.getpid()}"
+    # Hidden, as the roles' own temporaries: never taken for a release or an instance by a listing.
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.celery-fleet-{os.getpid()}")
     if os.path.lexists(temporary):
         os.unlink(temporary)
     os.symlink(target, temporary)
@@ -426,20 +427,26 @@ def point(path, target):
         raise
 
 
-def restart(unit, links, run_command):
+def restart(unit, links, run_command, systemctl="systemctl"):
     """Stop `unit`, point `links` ([{"path", "target"}]), start it: {"stop_seconds", "start_seconds"}.
-    run_command(argv) -> (rc, stdout, stderr). Raises StepFailed naming the step."""
+    run_command(argv) -> (rc, stdout, stderr). Raises StepFailed naming the step. A stop that systemd ended
+    otherwise than warmly (its Result: killed at TimeoutStopSec, a signal) fails the stop: systemctl itself exits 0
+    once the unit is down, however it went down."""
     started = time.monotonic()
-    rc, _out, err = run_command(["systemctl", "stop", unit])
+    rc, _out, err = run_command([systemctl, "stop", "--", unit])
     if rc != 0:
         raise StepFailed("stop", f"systemctl stop {unit} failed (exit {rc}): {err.strip()[-500:]}")
     stopped = time.monotonic()
+    rc, result, _err = run_command([systemctl, "show", "-p", "Result", "--value", "--", unit])
+    if rc == 0 and result.strip() not in ("", "success"):
+        raise StepFailed("stop", f"{unit} did not stop warmly (systemd's result: {result.strip()}); see journalctl "
+                                 f"-u {unit}")
     for link in links or []:
         try:
             point(link["path"], link["target"])
         except OSError as error:
             raise StepFailed("start", f"pointing {link['path']} at {link['target']} failed: {error}") from error
-    rc, _out, err = run_command(["systemctl", "start", unit])
+    rc, _out, err = run_command([systemctl, "start", "--", unit])
     if rc != 0:
         raise StepFailed("start", f"systemctl start {unit} failed (exit {rc}): {err.strip()[-500:]}")
     return {"stop_seconds": round(stopped - started, 2), "start_seconds": round(time.monotonic() - stopped, 2)}
@@ -538,7 +545,8 @@ def main():
     timings = {}
     if params["action"] == "restart_consuming" and not module.check_mode:
         try:
-            timings = restart(params["unit"], params["links"], module.run_command)
+            timings = restart(params["unit"], params["links"], module.run_command,
+                              module.get_bin_path("systemctl", required=True))
         except StepFailed as failure:
             app.close()
             module.fail_json(msg=str(failure), step=failure.step)
@@ -562,7 +570,8 @@ def main():
     finally:
         app.close()
     if params["action"] == "restart_consuming":
-        module.exit_json(changed=not module.check_mode, nodes=sorted(outcome["replies"]), **outcome, **timings)
+        # (A dry run too says the instance would restart, as the unit and link tasks it replaces did.)
+        module.exit_json(changed=True, nodes=sorted(outcome["replies"]), **outcome, **timings)
     if params["action"] in ("wait_consuming", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     if params["action"] == "status":

@@ -431,6 +431,8 @@ def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_no
         if argv[1] == "stop":
             processes[-1].terminate()
             processes[-1].wait(30)
+        elif argv[1] == "show":
+            return 0, "success\n", ""
         else:
             processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return 0, "", ""
@@ -440,10 +442,13 @@ def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_no
         timings = celery_control.restart("celery-worker@batch.service", [
             {"path": str(tmp_path / "previous"), "target": str(tmp_path / "releases" / "old")},
             {"path": str(tmp_path / "current"), "target": str(tmp_path / "releases" / "new")}], systemctl)
-        assert [argv for argv, _ in calls] == [["systemctl", "stop", "celery-worker@batch.service"],
-                                              ["systemctl", "start", "celery-worker@batch.service"]]
+        assert [argv for argv, _ in calls] == [
+            ["systemctl", "stop", "--", "celery-worker@batch.service"],
+            ["systemctl", "show", "-p", "Result", "--value", "--", "celery-worker@batch.service"],
+            ["systemctl", "start", "--", "celery-worker@batch.service"]]
         # Stopped on the old release, started on the new one; the release it left recorded.
-        assert [link for _, link in calls] == [str(tmp_path / "releases" / "old"), str(tmp_path / "releases" / "new")]
+        assert [link for _, link in calls] == [str(tmp_path / "releases" / "old")] * 2 + [
+            str(tmp_path / "releases" / "new")]
         assert os.readlink(tmp_path / "previous") == str(tmp_path / "releases" / "old")
         assert processes[0].returncode is not None and timings["stop_seconds"] > 0
         outcome = celery_control.wait_consuming(worker, [node], ["batch"], wait=30)
@@ -459,7 +464,7 @@ def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_no
 def test_restart_names_the_step_that_failed(tmp_path):
     def failing(step):
         def systemctl(argv):
-            return (1, "", f"Job for {argv[2]} failed.") if argv[1] == step else (0, "", "")
+            return (1, "", f"Job for {argv[-1]} failed.") if argv[1] == step else (0, "success\n", "")
         return systemctl
 
     with pytest.raises(celery_control.StepFailed, match="systemctl stop unit.service failed") as failure:
@@ -468,11 +473,15 @@ def test_restart_names_the_step_that_failed(tmp_path):
     with pytest.raises(celery_control.StepFailed) as failure:
         celery_control.restart("unit.service", [], failing("start"))
     assert failure.value.step == "start"
+    # A stop that systemd ended with SIGKILL at TimeoutStopSec: systemctl exits 0, the unit's result says so.
+    with pytest.raises(celery_control.StepFailed, match="did not stop warmly .*timeout") as failure:
+        celery_control.restart("unit.service", [], lambda argv: (0, "timeout\n" if argv[1] == "show" else "", ""))
+    assert failure.value.step == "stop"
     # A link that cannot be made (a directory in its place) fails the start, before systemd is asked to start.
     (tmp_path / "current").mkdir()
     calls = []
     with pytest.raises(celery_control.StepFailed, match="pointing") as failure:
         celery_control.restart("unit.service", [{"path": str(tmp_path / "current"), "target": "/x"}],
-                               lambda argv: calls.append(argv) or (0, "", ""))
-    assert failure.value.step == "start" and calls == [["systemctl", "stop", "unit.service"]]
-    assert not list(tmp_path.glob("current.celery-fleet-*"))
+                               lambda argv: calls.append(argv) or (0, "success\n", ""))
+    assert failure.value.step == "start" and [argv[1] for argv in calls] == ["stop", "show"]
+    assert not list(tmp_path.glob(".current.celery-fleet-*"))

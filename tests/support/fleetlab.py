@@ -22,6 +22,7 @@ PROJECT = fleetload.PROJECT
 LAB_INVENTORY = PROJECT / "inventories" / "lab"
 # The rolling scenario's lab: the lab inventory, then its own source (a short visibility timeout).
 ROLLING_INVENTORIES = [LAB_INVENTORY, PROJECT / "molecule" / "rolling" / "inventory"]
+LAB_HOSTS = {"broker1", "web1", "web2", "batch1", "gpu1", "monitor1"}
 # The lab runs web-worker@web1, @web2, batch-worker@batch1 and two GPU instances on gpu1.
 EXPECTED_NODES = 5
 # Lines that mean a task or a worker was killed, or a stop did not end warmly.
@@ -30,7 +31,10 @@ KILLED = re.compile(r"WorkerLostError|SIGKILL|status=9/KILL|code=killed|Cold shu
 
 
 def lab_host(name):
-    """A testinfra host of the lab (connection variables come from the lab inventory)."""
+    """A testinfra host of the lab (connection variables come from the lab inventory; a host of the bigger lab,
+    inventories/lab-scale, through its container)."""
+    if name not in LAB_HOSTS:
+        return testinfra.get_host(f"docker://celery-fleet-lab-{name}")
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=str(LAB_INVENTORY))
 
 

@@ -207,7 +207,7 @@ def test_a_broker_frozen_mid_drain_fails_the_roll_in_time_and_a_re_run_completes
                             "celery_worker_rolling_start_timeout": start_timeout,
                             "celery_worker_rolling_call_timeout": call_timeout})
     thaw = threading.Timer(frozen, lambda: broker.run(f"kill -CONT {pid}"))
-    rescue = "TASK [celery_worker : Read the failed step from the failed task's name"
+    rescue = "TASK [celery_worker : Read the failed step"
 
     def freeze():
         broker.check_output(f"kill -STOP {pid}")

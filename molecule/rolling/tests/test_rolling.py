@@ -282,16 +282,20 @@ def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits
 
         web3 = fleetlab.lab_host("web3")
         before = big.units()
-        web3.check_output("systemctl kill --signal=STOP celery-worker@web.service")
-        try:
-            rc, output, report = big.under_load(
-                lambda load: big.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
-                                              json.dumps(serial | {"celery_worker_rolling_min_online": 2,
-                                                                   # (The roll's prepare waits this long for web3.)
-                                                                   "celery_worker_rolling_start_timeout": 15})),
-                "rolling_restart.yml (four web hosts, web3 frozen)")
-        finally:
-            web3.check_output("systemctl kill --signal=CONT celery-worker@web.service")
+        extra = json.dumps(serial | {"celery_worker_rolling_min_online": 2,
+                                     # (The roll's prepare waits this long for web3.)
+                                     "celery_worker_rolling_start_timeout": 15})
+
+        def frozen_web3_roll(load):
+            # Frozen before the load starts sending to it and thawed before the load's report: kombu's BRPOP
+            # (1 s) may hand a frozen node one message, which it runs once thawed.
+            web3.check_output("systemctl kill --signal=STOP celery-worker@web.service")
+            try:
+                return big.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars", extra)
+            finally:
+                web3.check_output("systemctl kill --signal=CONT celery-worker@web.service")
+
+        rc, output, report = big.under_load(frozen_web3_roll, "rolling_restart.yml (four web hosts, web3 frozen)")
         assert rc != 0, output[-4000:]
         message = " ".join(output.split())
         assert "Rolling restart failed on web3, instance web (web-worker@web3), at step 'drain'" in message, (
@@ -308,6 +312,6 @@ def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits
         for host in ("web3", "web4"):
             subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", "systemctl", "stop", "celery-workers.target"],
                            capture_output=True, timeout=120)
-            subprocess.run(["docker", "rm", "-f", f"celery-fleet-lab-{host}"], capture_output=True, timeout=60)
+            subprocess.run(["docker", "rm", "-f", "-v", f"celery-fleet-lab-{host}"], capture_output=True, timeout=60)
         for name in environment:
             os.environ.pop(name, None)
