@@ -25,8 +25,8 @@ options:
     description: What to do.
     type: str
     required: true
-    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_drained, status,
-              restart_consuming]
+    choices: [ping, inspect, pending, cancel_consumer, add_consumer, wait_consuming, wait_answering, wait_drained,
+              status, restart_consuming]
   method:
     description: Inspect method, for action=inspect.
     type: str
@@ -60,13 +60,16 @@ options:
     default: []
   wait:
     description: >-
-      Seconds C(wait_consuming) or C(wait_drained) may wait in all; keep I(deadline) above it. C(wait_drained)
+      Seconds C(wait_consuming), C(wait_answering) or C(wait_drained) may wait in all; keep I(deadline) above it.
+      C(wait_answering) asks the I(destination) nodes for their queues every I(poll) seconds until each answers,
+      and reports C(answering), C(seconds) and the last C(replies), without failing for a node that never does.
+      C(wait_drained)
       asks the I(destination) nodes for C(pending) every I(poll) seconds until each has no reserved and no active
       task, and reports C(drained), C(seconds) and the last C(replies).
     type: float
     default: 0
   poll:
-    description: Seconds between the asks of C(wait_consuming) and C(wait_drained).
+    description: Seconds between the asks of C(wait_consuming), C(wait_answering) and C(wait_drained).
     type: float
     default: 0.25
   timeout:
@@ -130,12 +133,17 @@ consuming:
   description: For C(wait_consuming), whether every destination node consumed exactly I(queues) at the end.
   type: bool
   returned: when action is wait_consuming
+answering:
+  description: For C(wait_answering), whether every destination node answered at the end.
+  type: bool
+  returned: when action is wait_answering
 seconds:
   description: >-
-    For C(wait_consuming) and C(wait_drained), seconds from the call's start to its last answer; for
+    For C(wait_consuming), C(wait_answering) and C(wait_drained), seconds from the call's start to its last
+    answer; for
     C(restart_consuming), from the unit's start to the node consuming.
   type: float
-  returned: when action is wait_consuming, wait_drained or restart_consuming
+  returned: when action is wait_consuming, wait_answering, wait_drained or restart_consuming
 stop_seconds:
   description: For C(restart_consuming), how long the unit took to stop.
   type: float
@@ -197,21 +205,38 @@ def _merge(replies):
     return merged
 
 
+def _wait_queues(app, destination, done, wait, timeout, poll):
+    """Ask the `destination` nodes what they consume until done(replies) or `wait` seconds passed:
+    (done, seconds, replies) of the last answer."""
+    started = time.monotonic()
+    while True:
+        replies = app.control.inspect(destination=list(destination), timeout=timeout).active_queues() or {}
+        finished = done(replies)
+        seconds = round(time.monotonic() - started, 2)
+        if finished or seconds + poll >= wait:
+            return finished, seconds, replies
+        time.sleep(poll)
+
+
 def wait_consuming(app, destination, queues, wait, timeout=0.5, poll=0.25):
     """Ask the `destination` nodes what they consume until each consumes exactly `queues`, or `wait` seconds
     passed. Returns {"consuming", "seconds", "replies"} (the last answer). A node just started answers within
     a second or two: asking every `poll` s with short timeouts sees it as soon as it consumes, where one long
     ask per Ansible retry would wait out its timeout and the retry's delay."""
     expected = sorted(queues)
-    started = time.monotonic()
-    while True:
-        replies = app.control.inspect(destination=list(destination), timeout=timeout).active_queues() or {}
-        consuming = all(sorted(queue["name"] for queue in replies.get(node) or []) == expected
-                        for node in destination)
-        seconds = round(time.monotonic() - started, 2)
-        if consuming or seconds + poll >= wait:
-            return {"consuming": consuming, "seconds": seconds, "replies": replies}
-        time.sleep(poll)
+    consuming, seconds, replies = _wait_queues(
+        app, destination, lambda replies: all(sorted(queue["name"] for queue in replies.get(node) or []) == expected
+                                              for node in destination), wait, timeout, poll)
+    return {"consuming": consuming, "seconds": seconds, "replies": replies}
+
+
+def wait_answering(app, destination, wait, timeout=0.5, poll=0.25):
+    """Ask the `destination` nodes what they consume until each answers (whatever it consumes, nothing
+    included), or `wait` seconds passed. Returns {"answering", "seconds", "replies"} (the last answer): a node
+    that never answers is in no reply, and the call does not fail for it."""
+    answering, seconds, replies = _wait_queues(
+        app, destination, lambda replies: all(node in replies for node in destination), wait, timeout, poll)
+    return {"answering": answering, "seconds": seconds, "replies": replies}
 
 
 def wait_drained(app, destination, wait, timeout=1.0, poll=0.25):
@@ -514,7 +539,8 @@ def main():
             "broker_url": {"type": "str", "required": True, "no_log": True},
             "action": {"type": "str", "required": True,
                        "choices": ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                   "wait_consuming", "wait_drained", "status", "restart_consuming"]},
+                                   "wait_consuming", "wait_answering", "wait_drained", "status",
+                                   "restart_consuming"]},
             "method": {"type": "str", "default": "active",
                        "choices": ["active", "reserved", "scheduled", "active_queues", "stats", "registered"]},
             "destination": {"type": "list", "elements": "str", "default": []},
@@ -534,6 +560,7 @@ def main():
         required_if=[("action", "cancel_consumer", ["queue", "queues"], True),
                      ("action", "add_consumer", ["queue", "queues"], True),
                      ("action", "wait_consuming", ["destination", "queues"]),
+                     ("action", "wait_answering", ["destination"]),
                      ("action", "restart_consuming", ["destination", "queues", "unit"]),
                      ("action", "wait_drained", ["destination"])],
         supports_check_mode=True,
@@ -554,6 +581,8 @@ def main():
     if params["action"] in ("wait_consuming", "restart_consuming"):
         call = (wait_consuming, app, params["destination"], params["queues"], params["wait"], params["timeout"],
                 params["poll"])
+    elif params["action"] == "wait_answering":
+        call = (wait_answering, app, params["destination"], params["wait"], params["timeout"], params["poll"])
     elif params["action"] == "status":
         call = (status, app, params["status_queues"], params["destination"], params["timeout"])
     elif params["action"] == "wait_drained":
@@ -572,7 +601,7 @@ def main():
     if params["action"] == "restart_consuming":
         # (A dry run too says the instance would restart, as the unit and link tasks it replaces did.)
         module.exit_json(changed=True, nodes=sorted(outcome["replies"]), **outcome, **timings)
-    if params["action"] in ("wait_consuming", "wait_drained"):
+    if params["action"] in ("wait_consuming", "wait_answering", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     if params["action"] == "status":
         module.exit_json(changed=False, nodes=sorted(outcome["nodes_status"]), replies={}, **outcome)

@@ -153,7 +153,8 @@ def test_documentation_parses_and_matches_the_argument_spec():
     documented = yaml.safe_load(celery_control.DOCUMENTATION)["options"]
     yaml.safe_load(celery_control.RETURN)
     assert documented["action"]["choices"] == ["ping", "inspect", "pending", "cancel_consumer", "add_consumer",
-                                               "wait_consuming", "wait_drained", "status", "restart_consuming"]
+                                               "wait_consuming", "wait_answering", "wait_drained", "status",
+                                               "restart_consuming"]
     source = Path(celery_control.__file__).read_text()
     for action in documented["action"]["choices"]:
         assert f'"{action}"' in source.split("def main")[1], action
@@ -280,6 +281,24 @@ def test_wait_consuming_gives_up_after_its_wait_when_the_queues_differ(worker):
     started = time.monotonic()
     outcome = celery_control.wait_consuming(worker, [NODE], ["default"], wait=2)
     assert outcome["consuming"] is False and 1.5 <= time.monotonic() - started < 4, outcome
+
+
+def test_wait_answering_ends_when_every_node_answered_whatever_it_consumes(worker):
+    celery_control.run(worker, "cancel_consumer", destination=[NODE], queue="priority")
+    try:
+        outcome = celery_control.wait_answering(worker, [NODE], wait=10)
+        assert outcome["answering"] is True and outcome["seconds"] < 1.0, outcome
+        assert [queue["name"] for queue in outcome["replies"][NODE]] == ["default"]
+    finally:
+        celery_control.run(worker, "add_consumer", destination=[NODE], queue="priority")
+
+
+def test_wait_answering_waits_out_a_node_that_never_answers_without_failing(worker):
+    """A roll's prepare: a node that cannot start must not stop the roll that would fix it."""
+    started = time.monotonic()
+    outcome = celery_control.wait_answering(worker, [NODE, "absent-worker@nowhere"], wait=2)
+    assert outcome["answering"] is False and 1.5 <= time.monotonic() - started < 4, outcome
+    assert list(outcome["replies"]) == [NODE]
 
 
 def test_wait_consuming_sees_a_node_started_while_it_waits(broker_url, worker):

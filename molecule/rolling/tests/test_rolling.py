@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -251,8 +252,10 @@ def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits
     - The guard never counts a batch-mate: with celery_worker_rolling_min_online 3, the canary rolls (three others in
       service), and the second batch is refused, each host seeing only web1 and web4 (counting the other host of its
       batch would have made three).
-    - A failure waits for its batch: with web3's node frozen (SIGSTOP) and min_online 2, web3's drain fails while
-      web2, in the same batch, finishes its roll; the run then stops, and web4 is never touched.
+    - A failure waits for its batch: with web3's node frozen (SIGSTOP) once the canary runs again, and min_online 2,
+      web3's drain fails while web2, in the same batch, finishes its roll; the run then stops, and web4 is never
+      touched. (Before the fix Ansible's any_errors_fatal failed web3 at web2's rescued guard failure, and web2's
+      rescue never ran.)
     Under load, every task runs exactly once, and at most two web nodes are out of service at any time."""
     environment = {"CELERY_FLEET_LAB_WEB_HOSTS": "4"}
     inventories = fleetlab.ROLLING_INVENTORIES + [PROJECT / "inventories" / "lab-scale"]
@@ -280,20 +283,48 @@ def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits
         assert {host: after[host] for host in ("web2", "web3", "web4")} == {
             host: before[host] for host in ("web2", "web3", "web4")}
 
-        web3 = fleetlab.lab_host("web3")
         before = big.units()
         extra = json.dumps(serial | {"celery_worker_rolling_min_online": 2,
-                                     # (The roll's prepare waits this long for web3.)
+                                     # (The put-back of web3 waits this long for it to consume.)
                                      "celery_worker_rolling_start_timeout": 15})
 
+        def on(host, *command):
+            return subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", *command], capture_output=True,
+                                  text=True, timeout=60, check=True).stdout.strip()
+
+        def main_pid(host):
+            return on(host, "systemctl", "show", "-p", "MainPID", "--value", "celery-worker@web.service")
+
+        def signal_web3(name):
+            on("web3", "systemctl", "kill", f"--signal={name}", "celery-worker@web.service")
+
         def frozen_web3_roll(load):
-            # Frozen before the load starts sending to it and thawed before the load's report: kombu's BRPOP
-            # (1 s) may hand a frozen node one message, which it runs once thawed.
-            web3.check_output("systemctl kill --signal=STOP celery-worker@web.service")
+            # web3 is frozen once the canary (web1) runs again, before its own batch drains it, and thawed when
+            # the run ends: frozen for less than the visibility timeout (60 s here), so that the tasks it holds
+            # are never handed to a second worker (kombu's Redis transport redelivers an unacknowledged message
+            # after it: a node frozen longer runs them twice once thawed).
+            frozen = threading.Event()
+
+            def freeze_after_canary():
+                first = main_pid("web1")
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not finished.is_set():
+                    if main_pid("web1") not in (first, "0"):
+                        signal_web3("STOP")
+                        frozen.set()
+                        return
+                    time.sleep(0.3)
+
+            finished = threading.Event()
+            watcher = threading.Thread(target=freeze_after_canary, daemon=True)
+            watcher.start()
             try:
                 return big.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars", extra)
             finally:
-                web3.check_output("systemctl kill --signal=CONT celery-worker@web.service")
+                finished.set()
+                watcher.join(30)
+                signal_web3("CONT")
+                assert frozen.is_set(), "web3 was never frozen: the canary did not restart"
 
         rc, output, report = big.under_load(frozen_web3_roll, "rolling_restart.yml (four web hosts, web3 frozen)")
         assert rc != 0, output[-4000:]
