@@ -14,12 +14,20 @@ Load modes:
 Reports: total roll duration; for each node and host, its out-of-service window (drained until it
 consumes again), the part of it spent finishing tasks already running or reserved (drain), and the
 rest (overhead: stop, start, health check); throughput during the roll over steady-state throughput.
+Per node also what the roll itself measured (its health check's report): the stop, the start and the time
+from the start to consuming, and the window's budget (drain + stop + start to consuming + 0.5 s); the
+roll's budget is the sum of the windows + 10 s.
+
+rolling_mode surge (pass it in --extra-vars, e.g. celery_worker_group_settings with rolling_mode: surge):
+the groups' nodes out of service with no surge process serving in their stead (target 0), and the nodes
+whose surge process served.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -71,7 +79,21 @@ def slots_per_queue(client, nodes: dict) -> dict:
     return dict(slots)
 
 
-def summarise(report: dict, node_groups: dict) -> dict:
+# The roll's own report of each instance it restarted (rolling_consuming_check.yml's success message).
+RESTARTED = re.compile(r"(\S+@\S+) stopped in ([0-9.]+) s, started in ([0-9.]+) s and consumed exactly its queues "
+                       r"([0-9.]+) s into the health check")
+
+
+def restart_timings(output: str) -> dict:
+    """{node: {"stop_s", "start_s", "consuming_s"}} from a roll's output (the last report of each node)."""
+    timings = {}
+    for node, stop, start, consuming in RESTARTED.findall(" ".join(output.split())):
+        timings[node] = {"stop_s": float(stop), "start_s": float(start), "consuming_s": float(consuming)}
+    return timings
+
+
+def summarise(report: dict, node_groups: dict, timings: dict | None = None) -> dict:
+    timings = timings or {}
     marks = report["marks"]
     nodes, hosts = {}, defaultdict(lambda: {"out_of_service_s": 0.0, "drain_s": 0.0, "overhead_s": 0.0})
     for node, windows in sorted(report["windows"].items()):
@@ -83,12 +105,25 @@ def summarise(report: dict, node_groups: dict) -> dict:
             "drain_s": round(sum(w["drain_seconds"] for w in closed), 2),
             "overhead_s": round(sum(w["overhead_seconds"] for w in closed), 2),
         }
+        if node in timings:
+            measured = timings[node]
+            nodes[node].update(measured)
+            # Target: the window is at most the node's own drain, stop, and start to consuming, plus 0.5 s.
+            budget = nodes[node]["drain_s"] + measured["stop_s"] + measured["start_s"] + measured["consuming_s"] + 0.5
+            nodes[node]["window_budget_s"] = round(budget, 2)
+            nodes[node]["window_over_budget_s"] = round(nodes[node]["out_of_service_s"] - budget, 2)
         host = hosts[fleetload.node_host(node)]
         for key in ("out_of_service_s", "drain_s", "overhead_s"):
             host[key] = round(host[key] + nodes[node][key], 2)
     throughput = report["throughput"]
+    windows_s = round(sum(node["out_of_service_s"] for node in nodes.values()), 2)
     return {
         "roll_seconds": round(marks["roll_end"] - marks["roll_start"], 2),
+        # Target (stop-then-start): the roll at most the sum of its nodes' windows + 10 s.
+        "windows_s": windows_s, "roll_budget_s": round(windows_s + 10, 2),
+        "max_out_of_service_with_surge": report["max_out_of_service_with_surge"],
+        "surged_nodes": report["surged_nodes"],
+        "surge_timings": {node: value for node, value in timings.items() if node not in node_groups},
         "sent": report["sent"], "lost": report["lost"], "duplicates": report["duplicates"],
         "started_again": report["started_again"],
         "max_out_of_service": report["max_out_of_service"],
@@ -135,6 +170,10 @@ def plot(path: Path, report: dict, samples: list[dict], node_groups: dict, title
         ax_nodes.step([s["t"] - zero for s in samples],
                       [sum(s["in_service"][n] for n in members) for s in samples], where="post",
                       label=f"{group} ({len(members)} nodes)")
+        if any(s["surge_in_service"].get(n) for s in samples for n in members):
+            ax_nodes.step([s["t"] - zero for s in samples],
+                          [sum(s["in_service"][n] or s["surge_in_service"][n] for n in members) for s in samples],
+                          where="post", ls="--", label=f"{group}, surge processes counted")
     ax_nodes.set_ylabel("nodes in service")
     ax_nodes.legend(loc="lower left", fontsize=7)
 
@@ -194,7 +233,7 @@ def main():
     records = load.finish()
     report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed,
                                load.starts)
-    summary = summarise(report, node_groups)
+    summary = summarise(report, node_groups, restart_timings(output))
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.output)
@@ -206,7 +245,8 @@ def main():
         "playbook_rc": rc, "summary": summary,
         "producer_errors": load.producer.errors, "monitor_errors": load.monitor.errors,
         "report": report,
-        "samples": [{"t": s["t"], "in_service": s["in_service"], "depth": s["depth"]} for s in load.monitor.samples],
+        "samples": [{"t": s["t"], "in_service": s["in_service"], "surge_in_service": s["surge_in_service"],
+                     "depth": s["depth"]} for s in load.monitor.samples],
     }
     (out / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     plot(out / f"{name}.png", report, load.monitor.samples, node_groups,

@@ -37,6 +37,17 @@ def _indexed_node_name(node_name, index):
     return f"{name}-{index}{at}{host}"
 
 
+# A surge process of an instance (rolling_mode surge) is named after the instance's node: web-worker@%h ->
+# web-worker-surge@%h.
+SURGE_SUFFIX = "-surge"
+
+
+def surge_node_name(node_name):
+    """web-worker@web1 -> web-worker-surge@web1: the node of an instance's surge process."""
+    name, at, host = node_name.partition("@")
+    return f"{name}{SURGE_SUFFIX}{at}{host}"
+
+
 def worker_instances(settings, group, gpu_devices=None):
     """The worker instances one host runs, each with its unit instance name, node name and devices.
 
@@ -69,8 +80,63 @@ def worker_instances(settings, group, gpu_devices=None):
             "cuda_visible_devices": ",".join(devices) if gpu_mode != "none" else None,
             "arguments": worker_arguments(settings, node_name),
             "timeout_stop_sec": stop_timeout(settings),
+            # rolling_mode surge: the node and options of the instance's second process during a roll.
+            "surge_node_name": surge_node_name(node_name) if settings.get("rolling_mode") == "surge" else None,
+            "surge_arguments": (worker_arguments(settings, surge_node_name(node_name))
+                                if settings.get("rolling_mode") == "surge" else None),
         })
     return instances
+
+
+_SYSTEMD_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _systemd_bytes(value, memory_total):
+    """Bytes of a systemd memory size ("2G", "512M", "50%" of memory_total); None for "", infinity or unknown."""
+    match = re.fullmatch(r"([0-9]+)([KMGT]?)|([0-9]+)%", str(value or ""))
+    if not match:
+        return None
+    if match.group(3) is not None:
+        return int(memory_total * int(match.group(3)) / 100) if memory_total else None
+    return int(match.group(1)) * _SYSTEMD_UNITS[match.group(2)]
+
+
+def _gib(size):
+    return f"{size / 1024 ** 3:.2f} GiB"
+
+
+def surge_memory(settings, instance_count, memory_total, origins=None):
+    """Whether a host has the memory for rolling_mode surge: its instances, each at its memory_max (else
+    surge_memory), and one surge process more (one instance of the host rolls at a time), at surge_memory (else
+    memory_max).
+    Returns {"needed", "available" (bytes or None), "error" ("" when the host has room or surge is off)}."""
+    origins = origins or {}
+    if settings.get("rolling_mode") != "surge":
+        return {"needed": None, "available": memory_total, "error": ""}
+    where = {key: origins.get(key, f"celery_worker_defaults.{key}") for key in ("rolling_mode", "memory_max",
+                                                                                  "surge_memory")}
+    # What a process takes: its MemoryMax, else the operator's figure (surge_memory); the surge process takes the
+    # operator's figure, else MemoryMax.
+    limit = _systemd_bytes(settings.get("memory_max"), memory_total)
+    declared = _systemd_bytes(settings.get("surge_memory"), memory_total)
+    instance, surge = limit or declared, declared or limit
+    if instance is None or surge is None:
+        return {"needed": None, "available": memory_total, "error": (
+            f"{where['rolling_mode']} is surge, which runs a second process of an instance during its roll, but "
+            f"how much memory a process takes is not known: set {where['memory_max']} (systemd's MemoryMax per "
+            f"process, e.g. 2G) or {where['surge_memory']} (what one worker process needs, e.g. 2G), or set "
+            f"rolling_mode to stop_start.")}
+    needed = instance * int(instance_count) + surge
+    if memory_total is None:
+        return {"needed": needed, "available": None, "error": (
+            f"{where['rolling_mode']} is surge, but the host's memory could not be read (/proc/meminfo), so "
+            f"its room for a second process cannot be checked; set rolling_mode to stop_start.")}
+    if needed > memory_total:
+        return {"needed": needed, "available": memory_total, "error": (
+            f"{where['rolling_mode']} is surge, which needs memory for the host's {instance_count} instance(s) "
+            f"and one surge process: {instance_count} x {_gib(instance)} + {_gib(surge)} = {_gib(needed)}, more than the host's {_gib(memory_total)}. Lower {where['memory_max']} or "
+            f"{where['surge_memory']}, or set rolling_mode to stop_start.")}
+    return {"needed": needed, "available": memory_total, "error": ""}
 
 
 def stop_timeout(settings):
@@ -254,6 +320,7 @@ QUEUE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.%-]+@[A-Za-z0-9_.%-]+")
 MEMORY_MAX_PATTERN = re.compile(r"|[0-9]+[KMGT]?|[0-9]+%|infinity")
 CPU_QUOTA_PATTERN = re.compile(r"|[0-9]+%")
+SURGE_MEMORY_PATTERN = re.compile(r"|[0-9]+[KMGT]?|[0-9]+%")
 # Integer settings and their allowed range: an instance or slot count in the millions is a typo that would
 # make the controller loop or a host fork without end; a week is longer than any task should run.
 INTEGER_RANGE = {"concurrency": (1, 10000), "prefetch_multiplier": (1, 10000), "max_tasks_per_child": (0, None),
@@ -363,6 +430,10 @@ def _setting_errors(settings, origins, spec):
                       f"or infinity; got {_show(memory_max)}.")
     if not isinstance(cpu_quota, str) or not CPU_QUOTA_PATTERN.fullmatch(cpu_quota):
         errors.append(f"{where('cpu_quota')} must be empty or a percentage like 200%; got {_show(cpu_quota)}.")
+    surge_memory_value = settings.get("surge_memory")
+    if not isinstance(surge_memory_value, str) or not SURGE_MEMORY_PATTERN.fullmatch(surge_memory_value):
+        errors.append(f"{where('surge_memory')} must be empty (memory_max's) or bytes with an optional K/M/G/T "
+                      f"suffix, or a percentage of the host's memory; got {_show(surge_memory_value)}.")
     instances = settings.get("instances")
     if not ((instances is None and settings.get("gpu_mode") == "per_device")
             or (_is_integer(instances) and 1 <= instances <= MAX_INSTANCES)):
@@ -1074,8 +1145,9 @@ def fleet_status(hosts, observed, min_online=None):
     observed: the status action's {"nodes_status", "queues_status"}. min_online: celery_worker_rolling_min_online.
     Returns {"nodes": [...], "queues": [...], "groups": [...]}. A node's state: "in service" (answers and
     consumes all its queues), "drained" (answers, consumes fewer), "offline" (its unit runs, it does not answer),
-    "missing" (expected, no unit running), "unknown" (answers, not in the inventory). Utilisation: active /
-    concurrency (the seed's definition).
+    "missing" (expected, no unit running), "surge of <node>" (the node's surge process, during a roll in
+    rolling_mode surge: it has no group, so the groups count only their nodes), "unknown" (answers, not in the
+    inventory). Utilisation: active / concurrency (the seed's definition).
     """
     answered = observed.get("nodes_status") or {}
     nodes, expected = [], set()
@@ -1100,9 +1172,14 @@ def fleet_status(hosts, observed, min_online=None):
                 "processed": seen.get("processed"), "pool": seen.get("pool"), "uptime": seen.get("uptime"),
                 "memory": _memory(unit.get("memory")), "memory_max": _memory(unit.get("memory_max")),
             })
+    # rolling_mode surge: a node's surge process, while a roll runs it, in its node's group and host (counted apart
+    # from the group's nodes).
+    surges = {surge_node_name(node["node"]): node for node in nodes}
     for node in sorted(set(answered) - expected):
         seen = answered[node]
-        nodes.append({"node": node, "group": None, "host": None, "release": None, "state": "unknown",
+        of = surges.get(node)
+        nodes.append({"node": node, "group": None, "host": of and of["host"], "release": None,
+                      "state": f"surge of {of['node']}" if of else "unknown",
                       "queues": [], "consuming": seen.get("queues", []), "active": seen.get("active"),
                       "concurrency": seen.get("concurrency"), "reserved": seen.get("reserved"),
                       "utilisation": None, "processed": seen.get("processed"), "pool": seen.get("pool"),
@@ -1551,6 +1628,7 @@ class FilterModule:
             "celery_fleet_wheel_platforms": wheel_platforms,
             "celery_fleet_worker_instances": worker_instances,
             "celery_fleet_worker_arguments": worker_arguments,
+            "celery_fleet_surge_memory": surge_memory,
             "celery_fleet_node_names": node_names,
             "celery_fleet_duplicates": duplicates,
             "celery_fleet_environment_errors": environment_errors,

@@ -458,12 +458,16 @@ def restart(unit, links, run_command, systemctl="systemctl"):
     otherwise than warmly (its Result: killed at TimeoutStopSec, a signal) fails the stop: systemctl itself exits 0
     once the unit is down, however it went down."""
     started = time.monotonic()
+    # A unit that was not running (a surge process between rolls; one that failed before) has nothing to stop,
+    # and its Result is that of its last run.
+    rc, state, _err = run_command([systemctl, "show", "-p", "ActiveState", "--value", "--", unit])
+    running = rc != 0 or state.strip() not in ("inactive", "failed")
     rc, _out, err = run_command([systemctl, "stop", "--", unit])
     if rc != 0:
         raise StepFailed("stop", f"systemctl stop {unit} failed (exit {rc}): {err.strip()[-500:]}")
     stopped = time.monotonic()
     rc, result, _err = run_command([systemctl, "show", "-p", "Result", "--value", "--", unit])
-    if rc == 0 and result.strip() not in ("", "success"):
+    if running and rc == 0 and result.strip() not in ("", "success"):
         raise StepFailed("stop", f"{unit} did not stop warmly (systemd's result: {result.strip()}); see journalctl "
                                  f"-u {unit}")
     for link in links or []:

@@ -93,6 +93,10 @@ packages:
   description: Package name to installed version, or null.
   type: dict
   returned: always
+memory_total:
+  description: The host's memory in bytes (MemTotal of /proc/meminfo), or null where it cannot be read.
+  type: int
+  returned: always
 """
 
 import fnmatch
@@ -205,6 +209,19 @@ def _packages(run_command, names):
     return versions
 
 
+def _memory_total(meminfo="/proc/meminfo"):
+    try:
+        with open(meminfo, encoding="ascii") as stream:
+            for line in stream:
+                name, _, value = line.partition(":")
+                if name == "MemTotal":
+                    number, _, unit = value.strip().partition(" ")
+                    return int(number) * (1024 if unit.lower() == "kb" else 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def read_state(params, run_command):
     """Everything the parameters ask for; run_command(argv) -> (rc, stdout, stderr) runs systemctl and dpkg-query."""
     units_show, units, schemes = "", {}, {}
@@ -229,6 +246,7 @@ def read_state(params, run_command):
                   for spec in params.get("find") or []],
         "accounts": _accounts(params.get("user"), params.get("group")),
         "packages": _packages(run_command, params.get("packages") or []),
+        "memory_total": _memory_total(),
     }
 
 

@@ -451,7 +451,7 @@ def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_no
             processes[-1].terminate()
             processes[-1].wait(30)
         elif argv[1] == "show":
-            return 0, "success\n", ""
+            return 0, ("active\n" if "ActiveState" in argv else "success\n"), ""
         else:
             processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return 0, "", ""
@@ -462,11 +462,12 @@ def test_restart_stops_switches_the_release_and_starts_then_the_wait_sees_the_no
             {"path": str(tmp_path / "previous"), "target": str(tmp_path / "releases" / "old")},
             {"path": str(tmp_path / "current"), "target": str(tmp_path / "releases" / "new")}], systemctl)
         assert [argv for argv, _ in calls] == [
+            ["systemctl", "show", "-p", "ActiveState", "--value", "--", "celery-worker@batch.service"],
             ["systemctl", "stop", "--", "celery-worker@batch.service"],
             ["systemctl", "show", "-p", "Result", "--value", "--", "celery-worker@batch.service"],
             ["systemctl", "start", "--", "celery-worker@batch.service"]]
         # Stopped on the old release, started on the new one; the release it left recorded.
-        assert [link for _, link in calls] == [str(tmp_path / "releases" / "old")] * 2 + [
+        assert [link for _, link in calls] == [str(tmp_path / "releases" / "old")] * 3 + [
             str(tmp_path / "releases" / "new")]
         assert os.readlink(tmp_path / "previous") == str(tmp_path / "releases" / "old")
         assert processes[0].returncode is not None and timings["stop_seconds"] > 0
@@ -496,11 +497,14 @@ def test_restart_names_the_step_that_failed(tmp_path):
     with pytest.raises(celery_control.StepFailed, match="did not stop warmly .*timeout") as failure:
         celery_control.restart("unit.service", [], lambda argv: (0, "timeout\n" if argv[1] == "show" else "", ""))
     assert failure.value.step == "stop"
+    # A unit that was not running (a surge process that failed in an earlier roll): its old result is not this stop's.
+    assert celery_control.restart("unit.service", [], lambda argv: (
+        0, ("failed\n" if "ActiveState" in argv else "exit-code\n") if argv[1] == "show" else "", ""))
     # A link that cannot be made (a directory in its place) fails the start, before systemd is asked to start.
     (tmp_path / "current").mkdir()
     calls = []
     with pytest.raises(celery_control.StepFailed, match="pointing") as failure:
         celery_control.restart("unit.service", [{"path": str(tmp_path / "current"), "target": "/x"}],
                                lambda argv: calls.append(argv) or (0, "success\n", ""))
-    assert failure.value.step == "start" and [argv[1] for argv in calls] == ["stop", "show"]
+    assert failure.value.step == "start" and [argv[1] for argv in calls] == ["show", "stop", "show"]
     assert not list(tmp_path.glob(".current.celery-fleet-*"))

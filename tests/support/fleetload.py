@@ -488,8 +488,11 @@ class Monitor(threading.Thread):
         if late:
             consumed.update(self._consumed(destination=late, timeout=max(1.5, 3 * self.timeout)))
         in_service = {node: consumed.get(node) == queues for node, queues in self.nodes.items()}
+        # rolling_mode surge: the node's surge process, in service in its stead while the node rolls.
+        surge = {node: consumed.get(celery_fleet.surge_node_name(node)) == queues
+                 for node, queues in self.nodes.items()}
         depth = {queue: self.broker.llen(queue) for queue in self.queues}
-        return {"t": at, "in_service": in_service, "depth": depth}
+        return {"t": at, "in_service": in_service, "surge_in_service": surge, "depth": depth}
 
     def run(self):
         while not self._halt.is_set():
@@ -626,6 +629,17 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
                 worst[group] = {"t": sample["t"], "out": sorted(node for node, up in sample["in_service"].items()
                                                                if not up and node_groups[node] == group)}
 
+    # Capacity, surge processes counted: a node out of service whose surge process serves its queues is covered.
+    max_uncovered = defaultdict(int)
+    surged = set()
+    for sample in samples:
+        covering = sample.get("surge_in_service", {})
+        surged.update(node for node, up in covering.items() if up)
+        out = Counter(node_groups[node] for node, up in sample["in_service"].items()
+                      if not up and not covering.get(node))
+        for group in set(node_groups.values()):
+            max_uncovered[group] = max(max_uncovered[group], out[group])
+
     by_node = defaultdict(list)
     for record in records:
         by_node[record["node"]].append(record)
@@ -666,6 +680,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
         "ran_per_node": dict(Counter(r["node"] for r in records)),
         "ran_per_release": dict(Counter(r.get("release") for r in records)),
         "max_out_of_service": dict(max_out), "worst_moment": worst,
+        "max_out_of_service_with_surge": dict(max_uncovered), "surged_nodes": sorted(surged),
         "allowed_out_of_service": allowed_out or {},
         "windows": windows,
         "samples": len(samples),

@@ -87,6 +87,52 @@ def test_several_instances_get_unique_names():
     assert "--hostname=web-worker-2@%h" in instances[1]["arguments"].split()
 
 
+def test_surge_mode_gives_each_instance_a_surge_node_and_its_options():
+    instances = cf.worker_instances(dict(WEB, instances=2, rolling_mode="surge"), "web")
+    assert [i["surge_node_name"] for i in instances] == ["web-worker-1-surge@%h", "web-worker-2-surge@%h"]
+    assert "--hostname=web-worker-2-surge@%h" in instances[1]["surge_arguments"].split()
+    # Everything but the node name is the instance's own.
+    assert (instances[1]["surge_arguments"].replace("-surge@", "@") == instances[1]["arguments"])
+    (plain,) = cf.worker_instances(dict(WEB, rolling_mode="stop_start"), "web")
+    assert plain["surge_node_name"] is None and plain["surge_arguments"] is None
+
+
+GIB = 1024 ** 3
+
+
+@pytest.mark.parametrize("memory_max, surge_memory, instances, total, needed, refused", [
+    ("2G", "", 1, 8 * GIB, 4 * GIB, False),          # memory_max x 2
+    ("2G", "", 3, 7 * GIB, 8 * GIB, True),           # three instances and one surge process: 8 GiB
+    ("2G", "1G", 3, 7 * GIB, 7 * GIB, False),        # the operator's figure for the surge process
+    ("512M", "", 1, 1024 * 1024 ** 2, 1024 * 1024 ** 2, False),  # exactly the host's memory fits
+    ("25%", "", 2, 8 * GIB, 6 * GIB, False),         # percentages of the host's memory
+    ("40%", "", 2, 8 * GIB, int(8 * GIB * 0.4) * 3, True),
+])
+def test_surge_needs_memory_for_the_instances_and_one_process_more(memory_max, surge_memory, instances, total,
+                                                                   needed, refused):
+    settings = dict(WEB, rolling_mode="surge", memory_max=memory_max, surge_memory=surge_memory)
+    outcome = cf.surge_memory(settings, instances, total, {"memory_max": "celery_worker_group_settings.memory_max"})
+    assert outcome["needed"] == needed
+    assert bool(outcome["error"]) == refused, outcome
+    if refused:
+        assert "celery_worker_group_settings.memory_max" in outcome["error"] and "stop_start" in outcome["error"]
+
+
+def test_surge_without_a_known_process_memory_is_refused_naming_both_variables():
+    for memory_max in ("", "infinity"):
+        outcome = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max=memory_max, surge_memory=""), 1,
+                                  8 * GIB)
+        assert "celery_worker_defaults.memory_max" in outcome["error"]
+        assert "celery_worker_defaults.surge_memory" in outcome["error"]
+    # No MemoryMax: the operator's figure stands for every process.
+    declared = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="", surge_memory="3G"), 2, 8 * GIB)
+    assert declared["needed"] == 9 * GIB and "3 x" not in declared["error"] and "9.00 GiB" in declared["error"]
+    unread = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="1G", surge_memory=""), 1, None)
+    assert "/proc/meminfo" in unread["error"]
+    off = cf.surge_memory(dict(WEB, rolling_mode="stop_start", memory_max="", surge_memory=""), 1, None)
+    assert off["error"] == ""
+
+
 def test_gpu_per_device_pins_one_device_each():
     gpu = dict(WEB, node_name="gpu-worker@%h", queues=["ml"], concurrency=1, gpu_mode="per_device",
                instances=None)
@@ -398,6 +444,7 @@ def test_status_compares_the_inventory_with_what_the_fleet_says():
                                 "processed": 100, "pool": "prefork", "uptime": 30},
             "web-worker@web2": {"queues": ["priority"], "active": 0, "concurrency": 8, "reserved": 0},
             "stray@elsewhere": {"queues": ["default"], "active": 1, "concurrency": 2},
+            "web-worker-surge@web2": {"queues": ["default", "priority"], "active": 3, "concurrency": 8},
         },
         "queues_status": {"default": {"ready": 5, "by_priority": {"0": 2, "3": 0, "6": 0, "9": 3}, "unacked": 1,
                                       "consumers": ["stray@elsewhere", "web-worker@web1"]}},
@@ -406,7 +453,9 @@ def test_status_compares_the_inventory_with_what_the_fleet_says():
     nodes = {node["node"]: node for node in status["nodes"]}
     assert {name: node["state"] for name, node in nodes.items()} == {
         "web-worker@web1": "in service", "web-worker@web2": "drained", "web-worker@web3": "offline",
-        "batch-worker@batch1": "missing", "stray@elsewhere": "unknown"}
+        "batch-worker@batch1": "missing", "stray@elsewhere": "unknown",
+        "web-worker-surge@web2": "surge of web-worker@web2"}
+    assert (nodes["web-worker-surge@web2"]["host"], nodes["web-worker-surge@web2"]["group"]) == ("web2", None)
     assert nodes["web-worker@web1"]["utilisation"] == 0.75 and nodes["web-worker@web1"]["memory"] == 104857600
     assert nodes["web-worker@web1"]["memory_max"] is None and nodes["web-worker@web2"]["memory_max"] == 2147483648
     assert nodes["web-worker@web3"]["utilisation"] is None and nodes["web-worker@web3"]["memory"] is None

@@ -69,3 +69,14 @@ def test_throughput_compares_the_roll_with_steady_state():
     assert report["throughput"]["steady_per_s"] == 1.0
     assert report["throughput"]["rolling_per_s"] == 1.0
     assert report["throughput"]["rolling_fraction"] == 1.0
+
+
+def test_a_node_whose_surge_process_serves_in_its_stead_is_not_counted_out_with_surge():
+    samples = [dict(sample(0), surge_in_service={}),
+               dict(sample(1, "web-worker@web1"), surge_in_service={"web-worker@web1": True}),
+               dict(sample(2, "web-worker@web1", "batch-worker@batch1"),
+                    surge_in_service={"web-worker@web1": True, "batch-worker@batch1": False})]
+    report = fleetload.analyse(sent(), [], samples, NODES, {})
+    assert report["max_out_of_service"] == {"web": 1, "batch": 1}
+    assert report["max_out_of_service_with_surge"] == {"web": 0, "batch": 1}
+    assert report["surged_nodes"] == ["web-worker@web1"]

@@ -107,6 +107,17 @@ def test_accounts_and_packages():
 
 def test_nothing_asked_runs_nothing():
     run, calls = fake_run()
-    assert state.read_state({}, run) == {"units_show": "", "units": {}, "url_schemes": {}, "paths": {},
-                                         "contents": {}, "found": [], "accounts": {}, "packages": {}}
+    result = state.read_state({}, run)
+    assert result.pop("memory_total") > 0
+    assert result == {"units_show": "", "units": {}, "url_schemes": {}, "paths": {}, "contents": {}, "found": [],
+                      "accounts": {}, "packages": {}}
     assert calls == []
+
+
+def test_the_host_memory_is_memtotal_in_bytes(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683660 kB\nMemFree:         1000 kB\n")
+    assert state._memory_total(str(meminfo)) == 24683660 * 1024
+    meminfo.write_text("garbage\n")
+    assert state._memory_total(str(meminfo)) is None
+    assert state._memory_total(str(tmp_path / "absent")) is None

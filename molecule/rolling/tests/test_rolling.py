@@ -346,3 +346,65 @@ def test_a_bigger_lab_rolls_batches_of_two_hosts_guards_them_and_a_failure_waits
             subprocess.run(["docker", "rm", "-f", "-v", f"celery-fleet-lab-{host}"], capture_output=True, timeout=60)
         for name in environment:
             os.environ.pop(name, None)
+
+
+def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(fleet):
+    """rolling_mode surge on web and batch (batch is a one-node group): each instance's surge process starts and
+    consumes before the instance is drained, and is drained and stopped once the instance consumes again.
+    - Deploying the mode writes the surge unit and options and restarts no instance.
+    - Under load, no node of any group is ever out of service without its surge process serving in its stead (the
+      monitor's samples, every 0.25 s), every surge process served, every task runs exactly once, and no surge
+      process is left running.
+    - A surge process that cannot start (its options broken on web1) fails the roll at step 'surge': nothing was
+      drained or stopped, the surge process is stopped, the instance never restarted.
+    - site.yml without the mode removes the surge unit and options, again restarting nothing."""
+    settings = {"soft_time_limit": 40, "time_limit": 45}  # the scenario inventory's
+    surge = json.dumps({"celery_worker_group_settings": settings | {"rolling_mode": "surge", "surge_memory": "1G"},
+                        "celery_worker_rolling_order": ["web", "batch"]})
+    surge_hosts = ("web1", "web2", "batch1")
+    try:
+        before = fleet.units()
+        rc, output = fleet.run_playbook("site.yml", "--extra-vars", surge)
+        assert rc == 0, output[-4000:]
+        assert fleet.units() == before, "deploying surge mode restarted instances"
+        for name in surge_hosts:
+            host = fleetlab.lab_host(name)
+            assert host.file("/etc/systemd/system/celery-worker-surge@.service").exists
+            assert host.file(f"/etc/celery-fleet/surge/{'web' if name.startswith('web') else 'batch'}.env").contains(
+                "-surge@")
+
+        rc, output, report = fleet.under_load(
+            lambda load: fleet.run_playbook("rolling_restart.yml", "--limit", "web,batch", "--extra-vars", surge),
+            "rolling_restart.yml (surge mode, web and batch)")
+        assert rc == 0, output[-4000:]
+        assert report["max_out_of_service_with_surge"] == {"web": 0, "batch": 0, "gpu": 0}, (
+            report["max_out_of_service_with_surge"], report["worst_moment"])
+        assert report["surged_nodes"] == ["batch-worker@batch1", "web-worker@web1", "web-worker@web2"], report
+        after = fleet.units()
+        for name in surge_hosts:
+            assert after[name] != before[name], f"{name} did not roll"
+            assert fleetlab.lab_host(name).run(
+                "systemctl is-active 'celery-worker-surge@*'").stdout.strip() in ("", "inactive"), name
+        assert fleet.consuming() == fleet.nodes
+        assert_every_task_ran_exactly_once(fleet, report, minimum=50)
+
+        web1 = fleetlab.lab_host("web1")
+        web1.check_output("sed -i 's/--pool=prefork/--pool=no-such-pool/' /etc/celery-fleet/surge/web.env")
+        before = fleet.units()
+        rc, output = fleet.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
+                                        json.dumps(json.loads(surge) | {"celery_worker_rolling_start_timeout": 10}))
+        assert rc != 0, output[-4000:]
+        message = " ".join(output.split())
+        assert ("Rolling restart failed on web1, instance web (web-worker@web1), at step 'surge': "
+                "web-worker-surge@web1 did not consume exactly default,priority") in message, output[-4000:]
+        assert "Nothing was drained or stopped. Its surge process was stopped." in message, output[-4000:]
+        assert fleet.units() == before
+        assert web1.run("systemctl is-active celery-worker-surge@web.service").stdout.strip() != "active"
+        assert fleet.consuming() == fleet.nodes
+    finally:
+        rc, output = fleet.run_playbook("site.yml")
+        assert rc == 0, output[-4000:]
+    for name in surge_hosts:
+        host = fleetlab.lab_host(name)
+        assert not host.file("/etc/systemd/system/celery-worker-surge@.service").exists
+        assert not host.file("/etc/celery-fleet/surge").exists
