@@ -18,6 +18,12 @@ outside the unit: no sandbox, no cgroup limits) and that same worker with one fl
 default at a time, so the record says what each setting costs:
 
     ./fleet bench-throughput --label breakdown --runs 3 --breakdown
+
+With --sweep the fleet's worker by hand runs with each pool and concurrency of SWEEP_POOLS (prefork 2/4/8, threads,
+gevent where the release has it) against each task size of SWEEP_SIZES (trivial, 10 ms, 100 ms of sleep_task), so the
+README's tuning advice rests on this project's numbers:
+
+    ./fleet bench-throughput --label sweep --runs 1 --sweep
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ CLIENT = r'''
 import json, sys, time
 from celery.result import ResultSet
 from celery_fleet_runtime import app
-from celery_fleet_app.tasks import benchmark_task
-count, queue = int(sys.argv[1]), sys.argv[2]
+from celery_fleet_app.tasks import benchmark_task, sleep_task
+count, queue, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 sent_at, done_at, tasks = {}, {}, []
 start = time.time()
 for i in range(count):
     before = time.time()
-    task = benchmark_task.apply_async((i,), queue=queue)
+    task = (sleep_task.apply_async((seconds,), queue=queue) if seconds
+            else benchmark_task.apply_async((i,), queue=queue))
     sent_at[task.id] = before
     tasks.append(task)
 sent = time.time()
@@ -70,8 +77,8 @@ BARE = (AS_WORKER + "/opt/celery-fleet/current/venv/bin/celery --app celery_flee
         "-Q {queue} -c {concurrency} -n bare@{host} --loglevel=WARNING > /tmp/celery-fleet-bare.log 2>&1")
 
 
-def run_once(host: str, tasks: int, queue: str) -> dict:
-    script = f"{AS_WORKER}/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue}"
+def run_once(host: str, tasks: int, queue: str, seconds: float = 0.0) -> dict:
+    script = f"{AS_WORKER}/opt/celery-fleet/current/venv/bin/python -c \"$CLIENT\" {tasks} {queue} {seconds}"
     done = subprocess.run(["docker", "exec", "-e", f"CLIENT={CLIENT}", f"celery-fleet-lab-{host}", "bash", "-c", script],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -105,6 +112,15 @@ VARIANTS = {
     "mingle-gossip": ({}, {"--without-mingle": None, "--without-gossip": None}),
     "loglevel-warning": ({}, {"--loglevel": "WARNING"}),
 }
+# --sweep: pools and concurrencies, each against each task size ({label: seconds of sleep_task, 0: benchmark_task}).
+SWEEP_POOLS = {
+    "prefork-2": {"--pool": "prefork", "--concurrency": "2"},
+    "prefork-4": {"--pool": "prefork", "--concurrency": "4"},
+    "prefork-8": {"--pool": "prefork", "--concurrency": "8"},
+    "threads-8": {"--pool": "threads", "--concurrency": "8"},
+    "gevent-64": {"--pool": "gevent", "--concurrency": "64"},
+}
+SWEEP_SIZES = {"trivial": 0.0, "10ms": 0.01, "100ms": 0.1}
 BY_HAND = ("cd /opt/celery-fleet/current && set -a && . /etc/celery-fleet/celery.env && "
            ". /etc/celery-fleet/instances/{instance}.env && set +a && "
            "exec setpriv --reuid=celery --regid=celery --init-groups env PYTHONSAFEPATH=1 {environment} "
@@ -136,7 +152,7 @@ def to_bare(hosts: list[str], client_host: str, queue: str, concurrency: int, va
         if variant == "bare":
             command = BARE.format(queue=queue, concurrency=concurrency, host=host)
         else:
-            environment, changes = VARIANTS[variant]
+            environment, changes = VARIANTS[variant] if variant in VARIANTS else ({}, SWEEP_POOLS[variant])
             command = BY_HAND.format(instance=instance, environment=" ".join(f"{k}={v}" for k, v in environment.items()),
                                      options=variant_options(instance_arguments(host, instance), changes,
                                                              f"bare@{host}"))
@@ -181,6 +197,75 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def sweep_tasks(total: int, seconds: float, slots: int) -> int:
+    """Tasks for one sweep run: `total` trivial ones, else about 10 s of work for the slots, at least 4 per slot."""
+    return total if not seconds else max(4 * slots, min(total, int(10 * slots / seconds)))
+
+
+def sweep(args, hosts: list[str]) -> None:
+    fleet_nodes = [f"web-worker@{host}" for host in hosts]
+    runs, skipped = [], {}
+    try:
+        for number in range(1, args.runs + 1):
+            for pool, options in SWEEP_POOLS.items():
+                if options["--pool"] in ("gevent", "eventlet") and lab(
+                        hosts[0], "/opt/celery-fleet/current/venv/bin/python", "-c", f"import {options['--pool']}",
+                        check=False).returncode:
+                    skipped[pool] = (f"{options['--pool']} is not in the release (a group with pool "
+                                     f"{options['--pool']} installs it)")
+                    continue
+                to_bare(hosts, args.host, args.queue, args.concurrency, pool, args.instance)
+                try:
+                    for size, seconds in SWEEP_SIZES.items():
+                        slots = int(options["--concurrency"]) * len(hosts)
+                        count = sweep_tasks(args.tasks, seconds, slots)
+                        result = run_once(args.host, count, args.queue, seconds) | {
+                            "mode": f"{pool} {size}", "pool": pool, "size": size, "round": number}
+                        result["ideal_tasks_per_second"] = round(slots / seconds, 1) if seconds else None
+                        runs.append(result)
+                        print(f"{args.label} {pool} {size} run {number}: {count} tasks, "
+                              f"{result['tasks_per_second']:.1f} tasks/s"
+                              + (f" (ideal {result['ideal_tasks_per_second']})" if seconds else "")
+                              + f"; p50/p95/p99 {result['latency_p50']:.3f}/{result['latency_p95']:.3f}/"
+                                f"{result['latency_p99']:.3f} s", flush=True)
+                finally:
+                    to_fleet(hosts, args.host, fleet_nodes)
+    finally:
+        to_fleet(hosts, args.host, fleet_nodes)
+    table = {}
+    for run in runs:
+        table.setdefault(run["pool"], {}).setdefault(run["size"], []).append(run["tasks_per_second"])
+    medians = {pool: {size: round(statistics.median(values), 1) for size, values in sizes.items()}
+               for pool, sizes in table.items()}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record = {"label": args.label, "benchmark": "sweep", "host": args.host, "queue": args.queue, "worker_hosts": hosts,
+              "pools": SWEEP_POOLS, "sizes": SWEEP_SIZES, "runs": runs, "median_tasks_per_second": medians,
+              "skipped": skipped, "at": stamp}
+    print(f"{args.label}: median tasks/s per pool and task size {json.dumps(medians)}"
+          + (f"; skipped {json.dumps(skipped)}" if skipped else ""))
+    output = Path(args.output) / f"throughput-{args.label}-{stamp}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    plot_sweep(medians, output.with_suffix(".png"))
+    print(f"record: {output}")
+
+
+def plot_sweep(medians: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - only when a picture is asked for
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, len(SWEEP_SIZES), figsize=(4 * len(SWEEP_SIZES), 4))
+    for ax, size in zip(axes, SWEEP_SIZES):
+        pools = [pool for pool in medians if size in medians[pool]]
+        ax.bar(pools, [medians[pool][size] for pool in pools], color=[f"C{i}" for i in range(len(pools))])
+        ax.set(title=f"task: {size}", ylabel="tasks/s")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="gpu1", help="lab host the client runs on")
@@ -195,9 +280,13 @@ def main():
     parser.add_argument("--breakdown", action="store_true",
                         help="also the fleet's worker by hand, and with each setting at Celery's default (VARIANTS)")
     parser.add_argument("--instance", default="web", help="the worker hosts' instance the by-hand variants copy")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the fleet's worker by hand with each pool of SWEEP_POOLS, against each task size")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     args = parser.parse_args()
     hosts = args.worker_hosts.split(",")
+    if args.sweep:
+        return sweep(args, hosts)
     fleet_nodes = [f"web-worker@{host}" for host in hosts]
     modes = ["fleet"] + (["bare"] if args.compare_bare or args.breakdown else []) + (
         list(VARIANTS) if args.breakdown else [])
