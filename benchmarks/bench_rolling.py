@@ -59,6 +59,9 @@ def parse_args():
     parser.add_argument("--tail", type=float, default=10.0, help="seconds of load after the roll")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--surge", action="store_true",
+                        help="the roll runs in rolling_mode surge (set it in --extra-vars): the monitor waits for every "
+                             "node's reply, surge processes included")
     args = parser.parse_args()
     if args.broker_url and not args.transport_options:
         parser.error("--broker-url needs --transport-options (the fleet's, from a worker's celery.env)")
@@ -220,7 +223,7 @@ def main():
         load_kwargs = {"rates": RATES}
     print(f"{expected} nodes, slots per queue {slots}, load {load_kwargs}", flush=True)
 
-    load = fleetload.Load(client, nodes, seed=args.seed, **load_kwargs)
+    load = fleetload.Load(client, nodes, seed=args.seed, surge=args.surge, **load_kwargs)
     load.start()
     time.sleep(min(10.0, args.steady / 3))
     load.mark("steady_start")

@@ -92,13 +92,16 @@ _SYSTEMD_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 **
 
 
 def _systemd_bytes(value, memory_total):
-    """Bytes of a systemd memory size ("2G", "512M", "50%" of memory_total); None for "", infinity or unknown."""
-    match = re.fullmatch(r"([0-9]+)([KMGT]?)|([0-9]+)%", str(value or ""))
+    """Bytes of a systemd memory size ("2G", "512M", "50%" of memory_total); None for "", infinity, 0, a size
+    beyond a pebibyte, or a percentage without memory_total."""
+    match = re.fullmatch(r"([0-9]{1,15})([KMGT]?)|([0-9]{1,3})%", str(value or ""))
     if not match:
         return None
     if match.group(3) is not None:
-        return int(memory_total * int(match.group(3)) / 100) if memory_total else None
-    return int(match.group(1)) * _SYSTEMD_UNITS[match.group(2)]
+        size = memory_total * int(match.group(3)) // 100 if memory_total else 0
+    else:
+        size = int(match.group(1)) * _SYSTEMD_UNITS[match.group(2)]
+    return size if 0 < size <= 2 ** 50 else None
 
 
 def _gib(size):
@@ -106,36 +109,41 @@ def _gib(size):
 
 
 def surge_memory(settings, instance_count, memory_total, origins=None):
-    """Whether a host has the memory for rolling_mode surge: its instances, each at its memory_max (else
-    surge_memory), and one surge process more (one instance of the host rolls at a time), at surge_memory (else
-    memory_max).
-    Returns {"needed", "available" (bytes or None), "error" ("" when the host has room or surge is off)}."""
+    """Whether a host may roll in rolling_mode surge: its instances and one surge process more (one instance of a
+    host rolls at a time) must fit in its memory, each process counted at memory_max (its cgroup's cap, which the
+    surge process gets too), or at surge_memory (what the operator declares one process needs) where there is no
+    cap. A GPU instance's surge process would load its model a second time on the instance's GPU(s), whose memory
+    no check here can see: refused. Returns {"needed", "available" (bytes or None), "error" ("" when allowed)}."""
     origins = origins or {}
     if settings.get("rolling_mode") != "surge":
         return {"needed": None, "available": memory_total, "error": ""}
-    where = {key: origins.get(key, f"celery_worker_defaults.{key}") for key in ("rolling_mode", "memory_max",
-                                                                                  "surge_memory")}
-    # What a process takes: its MemoryMax, else the operator's figure (surge_memory); the surge process takes the
-    # operator's figure, else MemoryMax.
-    limit = _systemd_bytes(settings.get("memory_max"), memory_total)
-    declared = _systemd_bytes(settings.get("surge_memory"), memory_total)
-    instance, surge = limit or declared, declared or limit
-    if instance is None or surge is None:
-        return {"needed": None, "available": memory_total, "error": (
-            f"{where['rolling_mode']} is surge, which runs a second process of an instance during its roll, but "
-            f"how much memory a process takes is not known: set {where['memory_max']} (systemd's MemoryMax per "
-            f"process, e.g. 2G) or {where['surge_memory']} (what one worker process needs, e.g. 2G), or set "
+    where = {key: origins.get(key, f"celery_worker_defaults.{key}")
+             for key in ("rolling_mode", "memory_max", "surge_memory", "gpu_mode")}
+    refusal = {"needed": None, "available": memory_total}
+    if settings.get("gpu_mode", "none") != "none":
+        return refusal | {"error": (
+            f"{where['rolling_mode']} is surge, which runs a second process of an instance during its roll, on the "
+            f"same GPU(s) ({where['gpu_mode']} is {settings.get('gpu_mode')}): the model would be loaded twice in "
+            f"GPU memory nothing here can check. Set rolling_mode to stop_start for GPU groups.")}
+    if not memory_total:
+        return refusal | {"error": (
+            f"{where['rolling_mode']} is surge, but the host's memory could not be read (/proc/meminfo), so its "
+            f"room for a second process cannot be checked; set rolling_mode to stop_start.")}
+    process = (_systemd_bytes(settings.get("memory_max"), memory_total)
+               or _systemd_bytes(settings.get("surge_memory"), memory_total))
+    if process is None:
+        return refusal | {"error": (
+            f"{where['rolling_mode']} is surge, which runs a second process of an instance during its roll, but how "
+            f"much memory a process takes is not known: set {where['memory_max']} (systemd's MemoryMax per process, "
+            f"e.g. 2G) or, without one, {where['surge_memory']} (what one worker process needs, e.g. 2G), or set "
             f"rolling_mode to stop_start.")}
-    needed = instance * int(instance_count) + surge
-    if memory_total is None:
-        return {"needed": needed, "available": None, "error": (
-            f"{where['rolling_mode']} is surge, but the host's memory could not be read (/proc/meminfo), so "
-            f"its room for a second process cannot be checked; set rolling_mode to stop_start.")}
+    needed = process * (int(instance_count) + 1)
     if needed > memory_total:
         return {"needed": needed, "available": memory_total, "error": (
-            f"{where['rolling_mode']} is surge, which needs memory for the host's {instance_count} instance(s) "
-            f"and one surge process: {instance_count} x {_gib(instance)} + {_gib(surge)} = {_gib(needed)}, more than the host's {_gib(memory_total)}. Lower {where['memory_max']} or "
-            f"{where['surge_memory']}, or set rolling_mode to stop_start.")}
+            f"{where['rolling_mode']} is surge, which needs memory for the host's {instance_count} instance(s) and "
+            f"one surge process: {int(instance_count) + 1} x {_gib(process)} = {_gib(needed)}, more than the "
+            f"host's {_gib(memory_total)}. Lower {where['memory_max']} (or {where['surge_memory']} without one), or "
+            f"set rolling_mode to stop_start.")}
     return {"needed": needed, "available": memory_total, "error": ""}
 
 
@@ -320,7 +328,7 @@ QUEUE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.%-]+@[A-Za-z0-9_.%-]+")
 MEMORY_MAX_PATTERN = re.compile(r"|[0-9]+[KMGT]?|[0-9]+%|infinity")
 CPU_QUOTA_PATTERN = re.compile(r"|[0-9]+%")
-SURGE_MEMORY_PATTERN = re.compile(r"|[0-9]+[KMGT]?|[0-9]+%")
+SURGE_MEMORY_PATTERN = re.compile(r"|[1-9][0-9]{0,14}[KMGT]?|([1-9][0-9]?|100)%")
 # Integer settings and their allowed range: an instance or slot count in the millions is a typo that would
 # make the controller loop or a host fork without end; a week is longer than any task should run.
 INTEGER_RANGE = {"concurrency": (1, 10000), "prefetch_multiplier": (1, 10000), "max_tasks_per_child": (0, None),
@@ -432,8 +440,9 @@ def _setting_errors(settings, origins, spec):
         errors.append(f"{where('cpu_quota')} must be empty or a percentage like 200%; got {_show(cpu_quota)}.")
     surge_memory_value = settings.get("surge_memory")
     if not isinstance(surge_memory_value, str) or not SURGE_MEMORY_PATTERN.fullmatch(surge_memory_value):
-        errors.append(f"{where('surge_memory')} must be empty (memory_max's) or bytes with an optional K/M/G/T "
-                      f"suffix, or a percentage of the host's memory; got {_show(surge_memory_value)}.")
+        errors.append(f"{where('surge_memory')} must be empty (memory_max's), a positive number of bytes with an "
+                      f"optional K/M/G/T suffix (up to 15 digits), or a percentage of the host's memory from 1% to "
+                      f"100%; got {_show(surge_memory_value)}.")
     instances = settings.get("instances")
     if not ((instances is None and settings.get("gpu_mode") == "per_device")
             or (_is_integer(instances) and 1 <= instances <= MAX_INSTANCES)):

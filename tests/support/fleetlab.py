@@ -87,12 +87,12 @@ class Fleet:
         return fleetload.kill_playbook_when(playbook, *extra_args, inventory=self.inventories, **options)
 
     def under_load(self, operation, label, warmup=4.0, cooldown=3.0, broker_faults=False, complete_timeout=180.0,
-                   durations=None, rates=None):
+                   durations=None, rates=None, surge=False):
         """Run operation() -> (rc, output) while the producer sends tasks; return (rc, output, report)
         (report["records"]: the ledger). broker_faults: the broker goes away on purpose, so failed publishes
         (retried) and failed monitor samples are expected and reported instead of failing the case."""
         load = fleetload.Load(self.client, self.nodes, rates=rates or self.rates, durations=durations or self.durations,
-                              task=self.task)
+                              task=self.task, surge=surge)
         load.start()
         time.sleep(warmup)
         load.mark("roll_start")

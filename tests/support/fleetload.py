@@ -463,8 +463,12 @@ class Producer(threading.Thread):
 class Monitor(threading.Thread):
     """Samples which nodes are in service (answer, and consume all of their queues) and queue depths."""
 
-    def __init__(self, client: FleetClient, nodes: dict, interval: float = 0.25, timeout: float = 0.5):
+    def __init__(self, client: FleetClient, nodes: dict, interval: float = 0.25, timeout: float = 0.5,
+                 surge: bool = False):
         super().__init__(name="fleetload-monitor", daemon=True)
+        # rolling_mode surge: more nodes than `nodes` may answer (their surge processes), so each sample waits for
+        # every reply (its timeout) instead of stopping at len(nodes) replies, which could leave a surge's out.
+        self.surge = surge
         self.app = client.app("fleetload-monitor")
         self.broker = client.redis()
         self.nodes = {node: set(queues) for node, queues in nodes.items()}
@@ -481,7 +485,7 @@ class Monitor(threading.Thread):
 
     def sample(self) -> dict:
         at = time.time()
-        consumed = self._consumed(limit=len(self.nodes))
+        consumed = self._consumed(limit=None if self.surge else len(self.nodes))
         # A node that did not answer this time is asked again, alone and with more patience: a slow reply
         # (a node just back, on a busy host) must not pass for an outage.
         late = [node for node in self.nodes if node not in consumed]
@@ -554,11 +558,11 @@ class Load:
     """Producer + monitor + ledger around an operation: start(), run the operation, finish()."""
 
     def __init__(self, client: FleetClient, nodes: dict, rates=None, backlog=None, seed: int = 4,
-                 monitor_interval: float = 0.25, durations=(0.0, 5.0), task: str = LEDGER_TASK):
+                 monitor_interval: float = 0.25, durations=(0.0, 5.0), task: str = LEDGER_TASK, surge: bool = False):
         self.ledger = Ledger(client)
         self.producer = Producer(client, self.ledger, rates=rates, backlog=backlog, seed=seed, durations=durations,
                                  task=task)
-        self.monitor = Monitor(client, nodes, interval=monitor_interval)
+        self.monitor = Monitor(client, nodes, interval=monitor_interval, surge=surge)
         self.nodes = nodes
         self.marks: dict[str, float] = {}
         self.starts: Counter = Counter()

@@ -103,10 +103,13 @@ GIB = 1024 ** 3
 @pytest.mark.parametrize("memory_max, surge_memory, instances, total, needed, refused", [
     ("2G", "", 1, 8 * GIB, 4 * GIB, False),          # memory_max x 2
     ("2G", "", 3, 7 * GIB, 8 * GIB, True),           # three instances and one surge process: 8 GiB
-    ("2G", "1G", 3, 7 * GIB, 7 * GIB, False),        # the operator's figure for the surge process
+    # The surge process gets the instance's MemoryMax: counted at it, whatever the operator declares.
+    ("2G", "1G", 3, 7 * GIB, 8 * GIB, True),
+    ("", "3G", 2, 8 * GIB, 9 * GIB, True),           # no cap: the declared need stands for every process
+    ("", "2G", 2, 8 * GIB, 6 * GIB, False),
     ("512M", "", 1, 1024 * 1024 ** 2, 1024 * 1024 ** 2, False),  # exactly the host's memory fits
     ("25%", "", 2, 8 * GIB, 6 * GIB, False),         # percentages of the host's memory
-    ("40%", "", 2, 8 * GIB, int(8 * GIB * 0.4) * 3, True),
+    ("40%", "", 2, 8 * GIB, (8 * GIB * 40 // 100) * 3, True),
 ])
 def test_surge_needs_memory_for_the_instances_and_one_process_more(memory_max, surge_memory, instances, total,
                                                                    needed, refused):
@@ -116,20 +119,26 @@ def test_surge_needs_memory_for_the_instances_and_one_process_more(memory_max, s
     assert bool(outcome["error"]) == refused, outcome
     if refused:
         assert "celery_worker_group_settings.memory_max" in outcome["error"] and "stop_start" in outcome["error"]
+        assert f"{instances + 1} x " in outcome["error"] and f"{needed / GIB:.2f} GiB" in outcome["error"]
 
 
-def test_surge_without_a_known_process_memory_is_refused_naming_both_variables():
-    for memory_max in ("", "infinity"):
-        outcome = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max=memory_max, surge_memory=""), 1,
-                                  8 * GIB)
-        assert "celery_worker_defaults.memory_max" in outcome["error"]
-        assert "celery_worker_defaults.surge_memory" in outcome["error"]
-    # No MemoryMax: the operator's figure stands for every process.
-    declared = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="", surge_memory="3G"), 2, 8 * GIB)
-    assert declared["needed"] == 9 * GIB and "3 x" not in declared["error"] and "9.00 GiB" in declared["error"]
-    unread = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="1G", surge_memory=""), 1, None)
+@pytest.mark.parametrize("memory_max, surge_memory", [
+    ("", ""), ("infinity", ""), ("0", ""), ("9" * 400, ""), ("99999999999999T", ""), ("", "0")])
+def test_surge_without_a_known_process_memory_is_refused_naming_both_variables(memory_max, surge_memory):
+    outcome = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max=memory_max, surge_memory=surge_memory), 1,
+                              8 * GIB)
+    assert "celery_worker_defaults.memory_max" in outcome["error"], outcome
+    assert "celery_worker_defaults.surge_memory" in outcome["error"]
+
+
+def test_surge_is_refused_on_gpu_hosts_and_where_the_memory_is_unknown():
+    gpu = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="1G", surge_memory="", gpu_mode="per_device"), 2,
+                          64 * GIB, {"rolling_mode": "celery_worker_group_settings.rolling_mode"})
+    assert "celery_worker_group_settings.rolling_mode is surge" in gpu["error"] and "GPU" in gpu["error"]
+    unread = cf.surge_memory(dict(WEB, rolling_mode="surge", memory_max="50%", surge_memory=""), 1, None)
     assert "/proc/meminfo" in unread["error"]
-    off = cf.surge_memory(dict(WEB, rolling_mode="stop_start", memory_max="", surge_memory=""), 1, None)
+    off = cf.surge_memory(dict(WEB, rolling_mode="stop_start", memory_max="", surge_memory="", gpu_mode="shared"), 1,
+                          None)
     assert off["error"] == ""
 
 

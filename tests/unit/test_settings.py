@@ -111,6 +111,13 @@ CASES = {
     "bad-loglevel": ({"host": {"loglevel": "verbose"}}, ["loglevel must be one of: DEBUG, INFO"]),
     "bad-memory-max": ({"host": {"memory_max": "2 GB"}}, ["memory_max", "got '2 GB'"]),
     "bad-cpu-quota": ({"host": {"cpu_quota": "2"}}, ["cpu_quota", "percentage"]),
+    "unknown-rolling-mode": ({"group": {"rolling_mode": "blue_green"}},
+                             ["celery_worker_group_settings.rolling_mode must be one of: stop_start, surge",
+                              "got 'blue_green'"]),
+    "zero-surge-memory": ({"host": {"surge_memory": "0"}}, ["celery_worker_host_settings.surge_memory", "got '0'"]),
+    "surge-memory-over-100-percent": ({"host": {"surge_memory": "150%"}}, ["from 1% to 100%", "got '150%'"]),
+    "surge-memory-with-a-space": ({"host": {"surge_memory": "2 G"}}, ["surge_memory", "got '2 G'"]),
+    "surge-memory-huge": ({"host": {"surge_memory": "9" * 40}}, ["up to 15 digits"]),
     "null-instances-without-gpus": ({"host": {"instances": None}}, ["instances must be a positive integer", "null"]),
     "unknown-gpu-mode": ({"host": {"gpu_mode": "all"}}, ["gpu_mode must be one of: none, per_device, shared"]),
     "unknown-setting": (

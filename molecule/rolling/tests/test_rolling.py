@@ -355,8 +355,8 @@ def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(f
     - Under load, no node of any group is ever out of service without its surge process serving in its stead (the
       monitor's samples, every 0.25 s), every surge process served, every task runs exactly once, and no surge
       process is left running.
-    - A surge process that cannot start (its options broken on web1) fails the roll at step 'surge': nothing was
-      drained or stopped, the surge process is stopped, the instance never restarted.
+    - A surge process that does not consume its queues (its options changed on web1) fails the roll at step 'surge':
+      nothing was drained or stopped, the surge process is stopped, the instance never restarted.
     - site.yml without the mode removes the surge unit and options, again restarting nothing."""
     settings = {"soft_time_limit": 40, "time_limit": 45}  # the scenario inventory's
     surge = json.dumps({"celery_worker_group_settings": settings | {"rolling_mode": "surge", "surge_memory": "1G"},
@@ -375,28 +375,32 @@ def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(f
 
         rc, output, report = fleet.under_load(
             lambda load: fleet.run_playbook("rolling_restart.yml", "--limit", "web,batch", "--extra-vars", surge),
-            "rolling_restart.yml (surge mode, web and batch)")
+            "rolling_restart.yml (surge mode, web and batch)", surge=True)
         assert rc == 0, output[-4000:]
         assert report["max_out_of_service_with_surge"] == {"web": 0, "batch": 0, "gpu": 0}, (
             report["max_out_of_service_with_surge"], report["worst_moment"])
         assert report["surged_nodes"] == ["batch-worker@batch1", "web-worker@web1", "web-worker@web2"], report
+        # The surge processes served: batch1's, at least, took the batch queue's tasks while batch1 rolled.
+        assert report["ran_per_node"].get("batch-worker-surge@batch1", 0) > 0, report["ran_per_node"]
         after = fleet.units()
         for name in surge_hosts:
             assert after[name] != before[name], f"{name} did not roll"
-            assert fleetlab.lab_host(name).run(
-                "systemctl is-active 'celery-worker-surge@*'").stdout.strip() in ("", "inactive"), name
+            states = fleetlab.lab_host(name).run("systemctl is-active 'celery-worker-surge@*'").stdout.split()
+            assert set(states) <= {"inactive", "failed"}, (name, states)
         assert fleet.consuming() == fleet.nodes
         assert_every_task_ran_exactly_once(fleet, report, minimum=50)
 
         web1 = fleetlab.lab_host("web1")
-        web1.check_output("sed -i 's/--pool=prefork/--pool=no-such-pool/' /etc/celery-fleet/surge/web.env")
+        # A surge process that runs but consumes only default: the health check fails, the rescue must stop it.
+        web1.check_output("sed -i 's/--queues=default,priority/--queues=default/' /etc/celery-fleet/surge/web.env")
         before = fleet.units()
         rc, output = fleet.run_playbook("rolling_restart.yml", "--limit", "web", "--extra-vars",
                                         json.dumps(json.loads(surge) | {"celery_worker_rolling_start_timeout": 10}))
         assert rc != 0, output[-4000:]
         message = " ".join(output.split())
         assert ("Rolling restart failed on web1, instance web (web-worker@web1), at step 'surge': "
-                "web-worker-surge@web1 did not consume exactly default,priority") in message, output[-4000:]
+                "web-worker-surge@web1 did not consume exactly default,priority within celery_worker_rolling_start_timeout "
+                "(10 s): it consumes default") in message, output[-4000:]
         assert "Nothing was drained or stopped. Its surge process was stopped." in message, output[-4000:]
         assert fleet.units() == before
         assert web1.run("systemctl is-active celery-worker-surge@web.service").stdout.strip() != "active"
