@@ -364,7 +364,8 @@ def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(f
     surge_hosts = ("web1", "web2", "batch1")
     try:
         before = fleet.units()
-        rc, output = fleet.run_playbook("site.yml", "--extra-vars", surge)
+        # (The extra vars apply to every host: gpu1, whose GPU group preflight refuses surge, is left out.)
+        rc, output = fleet.run_playbook("site.yml", "--limit", "web,batch", "--extra-vars", surge)
         assert rc == 0, output[-4000:]
         assert fleet.units() == before, "deploying surge mode restarted instances"
         for name in surge_hosts:
