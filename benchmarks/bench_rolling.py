@@ -50,6 +50,7 @@ def parse_args():
                              "with kombu's default visibility timeout would hand long tasks to a second worker)")
     parser.add_argument("--playbook", default="rolling_restart.yml")
     parser.add_argument("--extra-vars", action="append", default=[], help="passed to ansible-playbook")
+    parser.add_argument("--limit", default=None, help="passed to ansible-playbook (e.g. web,batch)")
     parser.add_argument("--serial", default=None,
                         help="JSON: the roll's celery_worker_rolling_serial (default: the role's), for the capacity "
                              "check; pass the same in --extra-vars to roll with it")
@@ -229,7 +230,8 @@ def main():
     load.mark("steady_start")
     time.sleep(args.steady - min(10.0, args.steady / 3))
     load.mark("roll_start")
-    extra = [arg for value in args.extra_vars for arg in ("--extra-vars", value)]
+    extra = [arg for value in args.extra_vars for arg in ("--extra-vars", value)] + (
+        ["--limit", args.limit] if args.limit else [])
     rc, output = fleetload.run_playbook(args.playbook, *extra, inventory=args.inventory, project=PROJECT)
     load.mark("roll_end")
     time.sleep(args.tail)
@@ -243,7 +245,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     name = f"{Path(args.playbook).stem}-{args.mode}-{stamp}"
     record = {
-        "benchmark": "rolling", "playbook": args.playbook, "extra_vars": args.extra_vars, "mode": args.mode,
+        "benchmark": "rolling", "playbook": args.playbook, "extra_vars": args.extra_vars, "limit": args.limit,
+        "surge": args.surge, "mode": args.mode,
         "load": load_kwargs, "slots_per_queue": slots, "serial": serial, "inventory": args.inventory,
         "playbook_rc": rc, "summary": summary,
         "producer_errors": load.producer.errors, "monitor_errors": load.monitor.errors,
