@@ -42,7 +42,9 @@ RATES = {"default": 1.5, "priority": 1.0, "batch": 0.6, "ml": 0.3}
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inventory", default=str(PROJECT / "inventories" / "lab"))
+    parser.add_argument("--inventory", action="append", default=None,
+                        help="an inventory source, repeatable, in order (default: inventories/lab; the rolling "
+                             "scenario's TLS lab: inventories/lab, then molecule/rolling/inventory)")
     parser.add_argument("--broker-url", help="broker URL reachable from here (default: the lab's broker)")
     parser.add_argument("--result-url", help="result backend URL the ledger tasks write to (default: the lab's)")
     parser.add_argument("--transport-options", default=None,
@@ -64,6 +66,7 @@ def parse_args():
                         help="the roll runs in rolling_mode surge (set it in --extra-vars): the monitor waits for every "
                              "node's reply, surge processes included")
     args = parser.parse_args()
+    args.inventory = args.inventory or [str(PROJECT / "inventories" / "lab")]
     if args.broker_url and not args.transport_options:
         parser.error("--broker-url needs --transport-options (the fleet's, from a worker's celery.env)")
     return args
