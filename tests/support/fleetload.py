@@ -487,8 +487,12 @@ class Monitor(threading.Thread):
         at = time.time()
         consumed = self._consumed(limit=None if self.surge else len(self.nodes))
         # A node that did not answer this time is asked again, alone and with more patience: a slow reply
-        # (a node just back, on a busy host) must not pass for an outage.
+        # (a node just back, on a busy host) must not pass for an outage. In surge mode, so is the surge process
+        # of a node not in service (one just started answers late too).
         late = [node for node in self.nodes if node not in consumed]
+        if self.surge:
+            late += [celery_fleet.surge_node_name(node) for node, queues in self.nodes.items()
+                     if consumed.get(node) != queues and consumed.get(celery_fleet.surge_node_name(node)) != queues]
         if late:
             consumed.update(self._consumed(destination=late, timeout=max(1.5, 3 * self.timeout)))
         in_service = {node: consumed.get(node) == queues for node, queues in self.nodes.items()}
@@ -634,7 +638,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
                                                                if not up and node_groups[node] == group)}
 
     # Capacity, surge processes counted: a node out of service whose surge process serves its queues is covered.
-    max_uncovered = defaultdict(int)
+    max_uncovered, worst_uncovered = defaultdict(int), {}
     surged = set()
     for sample in samples:
         covering = sample.get("surge_in_service", {})
@@ -642,6 +646,10 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
         out = Counter(node_groups[node] for node, up in sample["in_service"].items()
                       if not up and not covering.get(node))
         for group in set(node_groups.values()):
+            if out[group] > max_uncovered[group]:
+                worst_uncovered[group] = {"t": sample["t"], "out": sorted(
+                    node for node, up in sample["in_service"].items()
+                    if not up and not covering.get(node) and node_groups[node] == group)}
             max_uncovered[group] = max(max_uncovered[group], out[group])
 
     by_node = defaultdict(list)
@@ -684,7 +692,8 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
         "ran_per_node": dict(Counter(r["node"] for r in records)),
         "ran_per_release": dict(Counter(r.get("release") for r in records)),
         "max_out_of_service": dict(max_out), "worst_moment": worst,
-        "max_out_of_service_with_surge": dict(max_uncovered), "surged_nodes": sorted(surged),
+        "max_out_of_service_with_surge": dict(max_uncovered), "worst_moment_with_surge": worst_uncovered,
+        "surged_nodes": sorted(surged),
         "allowed_out_of_service": allowed_out or {},
         "windows": windows,
         "samples": len(samples),

@@ -385,7 +385,7 @@ def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(f
             "rolling_restart.yml (surge mode, web and batch)", surge=True)
         assert rc == 0, output[-4000:]
         assert report["max_out_of_service_with_surge"] == {"web": 0, "batch": 0, "gpu": 0}, (
-            report["max_out_of_service_with_surge"], report["worst_moment"])
+            report["max_out_of_service_with_surge"], report["worst_moment_with_surge"], report["marks"])
         assert report["surged_nodes"] == ["batch-worker@batch1", "web-worker@web1", "web-worker@web2"], report
         # The surge processes served: batch1's, at least, took the batch queue's tasks while batch1 rolled.
         assert report["ran_per_node"].get("batch-worker-surge@batch1", 0) > 0, report["ran_per_node"]
