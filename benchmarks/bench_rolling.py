@@ -175,11 +175,11 @@ def plot(path: Path, report: dict, samples: list[dict], node_groups: dict, title
     for group in groups:
         members = [n for n in node_groups if node_groups[n] == group]
         ax_nodes.step([s["t"] - zero for s in samples],
-                      [sum(s["in_service"][n] for n in members) for s in samples], where="post",
+                      [sum(bool(s["in_service"][n]) for n in members) for s in samples], where="post",
                       label=f"{group} ({len(members)} nodes)")
         if any(s["surge_in_service"].get(n) for s in samples for n in members):
             ax_nodes.step([s["t"] - zero for s in samples],
-                          [sum(s["in_service"][n] or s["surge_in_service"][n] for n in members) for s in samples],
+                          [sum(bool(s["in_service"][n] or s["surge_in_service"][n]) for n in members) for s in samples],
                           where="post", ls="--", label=f"{group}, surge processes counted")
     ax_nodes.set_ylabel("nodes in service")
     ax_nodes.legend(loc="lower left", fontsize=7)
@@ -242,6 +242,8 @@ def main():
     report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed,
                                load.starts)
     summary = summarise(report, node_groups, restart_timings(output))
+    # The samples as analyse() counted them: a short silence of a running process (a slow reply) in service.
+    samples, _ = fleetload.resolve_silences(load.monitor.samples, records)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.output)
@@ -255,10 +257,10 @@ def main():
         "producer_errors": load.producer.errors, "monitor_errors": load.monitor.errors,
         "report": report,
         "samples": [{"t": s["t"], "in_service": s["in_service"], "surge_in_service": s["surge_in_service"],
-                     "depth": s["depth"]} for s in load.monitor.samples],
+                     "depth": s["depth"]} for s in samples],
     }
     (out / f"{name}.json").write_text(json.dumps(record, indent=1, sort_keys=True))
-    plot(out / f"{name}.png", report, load.monitor.samples, node_groups,
+    plot(out / f"{name}.png", report, samples, node_groups,
          f"{args.playbook} under {args.mode} load: {summary['roll_seconds']} s, throughput during roll "
          f"{summary['rolling_over_steady']:.0%} of steady state")
     print(json.dumps(summary, indent=1, sort_keys=True))

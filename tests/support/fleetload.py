@@ -495,12 +495,16 @@ class Monitor(threading.Thread):
                      if consumed.get(node) != queues and consumed.get(celery_fleet.surge_node_name(node)) != queues]
         if late:
             consumed.update(self._consumed(destination=late, timeout=max(1.5, 3 * self.timeout)))
-        in_service = {node: consumed.get(node) == queues for node, queues in self.nodes.items()}
+        # True: consumes all of its queues; False: answered without them (drained, its consumer restarting);
+        # None: answered neither ask (stopped, frozen, or only slow: analyse() tells them apart, resolve_silences).
+        in_service = {node: (consumed[node] == queues) if node in consumed else None
+                      for node, queues in self.nodes.items()}
         # rolling_mode surge: the node's surge process, in service in its stead while the node rolls.
         surge = {node: consumed.get(celery_fleet.surge_node_name(node)) == queues
                  for node, queues in self.nodes.items()}
         depth = {queue: self.broker.llen(queue) for queue in self.queues}
-        return {"t": at, "in_service": in_service, "surge_in_service": surge, "depth": depth}
+        answers = {node: sorted(consumed[node]) for node, up in in_service.items() if up is False}
+        return {"t": at, "in_service": in_service, "surge_in_service": surge, "depth": depth, "answers": answers}
 
     def run(self):
         while not self._halt.is_set():
@@ -596,6 +600,51 @@ class Load:
         return records
 
 
+# A node that answers neither of a sample's asks (0.5 s, then 1.5 s alone) is silent, not yet out of service: a
+# process busy on a starved host (2 cores, a deploy's pip install beside it) answers late and goes on consuming.
+# A silent stretch counts as in service only when it is this short, has in-service samples on both sides, and the
+# same worker process ran the node's tasks before and after it (a restart changes the PID; a stopped or frozen
+# process, kill -STOP, stays silent far longer than this).
+SLOW_REPLY_SECONDS = 3.0
+
+
+def resolve_silences(samples: list[dict], records: list[dict]) -> tuple[list[dict], dict]:
+    """(samples with each short silence of a running process counted in service, {node: [[start, end], ...]})."""
+    by_node = defaultdict(list)
+    for record in records:
+        by_node[record["node"]].append(record)
+
+    def process(node, before=None, after=None):
+        if before is not None:
+            ran = [r for r in by_node[node] if r["finished"] < before]
+            return max(ran, key=lambda r: r["finished"])["worker_pid"] if ran else None
+        ran = [r for r in by_node[node] if r["started"] > after]
+        return min(ran, key=lambda r: r["started"])["worker_pid"] if ran else None
+
+    resolved = [dict(sample, in_service=dict(sample["in_service"])) for sample in samples]
+    slow = defaultdict(list)
+    nodes = {node for sample in samples for node in sample["in_service"]}
+    for node in nodes:
+        index = 0
+        while index < len(resolved):
+            if resolved[index]["in_service"].get(node) is not None or index == 0 \
+                    or resolved[index - 1]["in_service"].get(node) is not True:
+                index += 1
+                continue
+            end = index
+            while end < len(resolved) and resolved[end]["in_service"].get(node) is None:
+                end += 1
+            if end < len(resolved) and resolved[end]["in_service"].get(node) is True:
+                start_t, end_t = resolved[index]["t"], resolved[end]["t"]
+                pid = process(node, before=start_t)
+                if end_t - start_t <= SLOW_REPLY_SECONDS and pid is not None and pid == process(node, after=end_t):
+                    for silent in resolved[index:end]:
+                        silent["in_service"][node] = True
+                    slow[node].append([start_t, end_t])
+            index = end
+    return resolved, dict(slow)
+
+
 def out_of_service_windows(samples: list[dict], node: str) -> list[tuple[float, float | None]]:
     """[(first sample out, first sample back in service or None)] of one node."""
     windows, start = [], None
@@ -628,6 +677,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
     unknown = sorted(token for token in ran if token not in sent_tokens)
     started_again = {token: count for token, count in (starts or {}).items() if count > 1}
 
+    samples, slow_replies = resolve_silences(samples, records)
     max_out, worst = defaultdict(int), {}
     for sample in samples:
         out = Counter(node_groups[node] for node, up in sample["in_service"].items() if not up)
@@ -666,8 +716,12 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
             finished = [r["finished"] for r in by_node[node]
                         if start <= r["finished"] <= (end or float("inf")) and r.get("worker_pid") in old]
             drain = (max(finished) - start) if finished else 0.0
+            inside = [sample for sample in samples if start <= sample["t"] < (end or float("inf"))]
             windows[node].append({
                 "start": start, "end": end, "seconds": None if end is None else end - start,
+                # What the node said while out: the queues it answered with, or "silent".
+                "answers": sorted({json.dumps(sample.get("answers", {}).get(node, "silent")) for sample in inside
+                                   if not sample["in_service"].get(node)}),
                 "last_task_finished": max(finished) if finished else None,
                 "drain_seconds": drain,
                 "overhead_seconds": None if end is None else (end - start) - drain,
@@ -696,6 +750,7 @@ def analyse(sent: list[dict], records: list[dict], samples: list[dict], node_gro
         "surged_nodes": sorted(surged),
         "allowed_out_of_service": allowed_out or {},
         "windows": windows,
+        "slow_replies": slow_replies,
         "samples": len(samples),
         "throughput": {"steady_per_s": steady, "rolling_per_s": rolling,
                        "rolling_fraction": (rolling / steady) if steady and rolling is not None else None,

@@ -56,8 +56,8 @@ def test_windows_max_out_and_drain_of_the_old_process_only():
     assert (window["start"], window["end"], window["seconds"]) == (10, 20, 10)
     assert window["drain_seconds"] == 5 and window["overhead_seconds"] == 5
     assert report["windows"]["web-worker@web2"] == [
-        {"start": 11, "end": 12, "seconds": 1, "last_task_finished": None, "drain_seconds": 0.0,
-         "overhead_seconds": 1}]
+        {"start": 11, "end": 12, "seconds": 1, "answers": ['"silent"'], "last_task_finished": None,
+         "drain_seconds": 0.0, "overhead_seconds": 1}]
     # Still out at the end: an open window.
     assert report["windows"]["batch-worker@batch1"][0]["end"] is None
 
@@ -80,3 +80,50 @@ def test_a_node_whose_surge_process_serves_in_its_stead_is_not_counted_out_with_
     assert report["max_out_of_service"] == {"web": 1, "batch": 1}
     assert report["max_out_of_service_with_surge"] == {"web": 0, "batch": 1}
     assert report["surged_nodes"] == ["web-worker@web1"]
+
+
+def silent(t, *nodes, answered=None):
+    """A sample where `nodes` answered neither ask (None); `answered`: {node: queues} answered without theirs."""
+    answered = answered or {}
+    return {"t": t, "depth": {}, "answers": answered,
+            "in_service": {node: None if node in nodes else (False if node in answered else True) for node in NODES}}
+
+
+def test_a_short_silence_of_the_same_process_is_a_slow_reply_not_an_outage():
+    node = "web-worker@web1"
+    samples = [silent(0), silent(1, node), silent(2, node), silent(3)]
+    records = [record("a", node, 0.1, 0.5, worker_pid=100), record("b", node, 3.2, 3.5, worker_pid=100)]
+    report = fleetload.analyse(sent("a", "b"), records, samples, NODES, {})
+    assert report["windows"][node] == []
+    assert report["slow_replies"] == {node: [[1, 3]]}
+    assert report["max_out_of_service"] == {"web": 0, "batch": 0}
+
+
+def test_a_silence_that_restarted_the_process_or_lasted_or_cannot_be_told_is_out_of_service():
+    node = "web-worker@web1"
+    cases = {
+        # A new process after it: the node stopped and started.
+        "restarted": ([silent(0), silent(1, node), silent(2)],
+                      [record("a", node, 0.1, 0.5, worker_pid=100), record("b", node, 2.1, 2.5, worker_pid=200)]),
+        # Longer than a slow reply: a frozen process (kill -STOP) keeps its PID.
+        "long": ([silent(0), silent(1, node), silent(4.5, node), silent(5)],
+                 [record("a", node, 0.1, 0.5), record("b", node, 5.1, 5.5)]),
+        # No task of the node on one side: nothing says it was the same process.
+        "unknown": ([silent(0), silent(1, node), silent(2)], [record("a", node, 0.1, 0.5)]),
+        # Silent at the start of the run: no in-service sample before it.
+        "first": ([silent(0, node), silent(1)], [record("b", node, 1.1, 1.5)]),
+    }
+    for name, (samples, records) in cases.items():
+        report = fleetload.analyse(sent(), records, samples, NODES, {})
+        assert len(report["windows"][node]) == 1, name
+        assert report["slow_replies"] == {}, name
+        assert report["max_out_of_service"]["web"] == 1, name
+
+
+def test_a_window_says_what_the_node_answered():
+    node = "web-worker@web1"
+    samples = [silent(0), silent(1, answered={node: []}), silent(2, node), silent(3)]
+    report = fleetload.analyse(sent(), [], samples, NODES, {})
+    (window,) = report["windows"][node]
+    assert (window["start"], window["end"]) == (1, 3)
+    assert window["answers"] == ['"silent"', "[]"]
