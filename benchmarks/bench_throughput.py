@@ -19,6 +19,9 @@ default at a time, so the record says what each setting costs:
 
     ./fleet bench-throughput --label breakdown --runs 3 --breakdown
 
+It also runs the fleet's unit with its seccomp filter off, and with its whole sandbox off (UNIT_VARIANTS: a runtime
+drop-in, removed after the run), against the unit as deployed.
+
 With --sweep the fleet's worker by hand runs with each pool and concurrency of SWEEP_POOLS (prefork 2/4/8, threads,
 gevent where the release has it) against each task size of SWEEP_SIZES (trivial, 10 ms, 100 ms of sleep_task), so the
 README's tuning advice rests on this project's numbers:
@@ -84,9 +87,9 @@ def run_once(host: str, tasks: int, queue: str, seconds: float = 0.0) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def lab(host: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", "exec", f"celery-fleet-lab-{host}", *command], capture_output=True, text=True,
-                          check=check)
+def lab(host: str, *command: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "exec", *(["-i"] if input is not None else []), f"celery-fleet-lab-{host}",
+                           *command], capture_output=True, text=True, check=check, input=input)
 
 
 def answering(client_host: str, nodes: list[str], timeout: float = 60.0) -> None:
@@ -112,6 +115,20 @@ VARIANTS = {
     "mingle-gossip": ({}, {"--without-mingle": None, "--without-gossip": None}),
     "loglevel-warning": ({}, {"--loglevel": "WARNING"}),
 }
+# The fleet's unit itself with part of its sandbox taken off: a runtime drop-in (/run, gone at the next boot and
+# removed after the run) on every instance, the instances restarted warm. {variant: the drop-in's [Service] lines}.
+UNIT_VARIANTS = {
+    # Everything systemd enforces with a seccomp filter (hardening.conf): the filter runs on every system call.
+    "unit-no-seccomp": ["SystemCallFilter=", "SystemCallArchitectures=", "RestrictAddressFamilies=",
+                        "RestrictNamespaces=no", "RestrictRealtime=no", "RestrictSUIDSGID=no", "LockPersonality=no"],
+    # And the rest of the sandbox (namespaces, read-only file system, private /tmp and /dev).
+    "unit-no-sandbox": ["SystemCallFilter=", "SystemCallArchitectures=", "RestrictAddressFamilies=",
+                        "RestrictNamespaces=no", "RestrictRealtime=no", "RestrictSUIDSGID=no", "LockPersonality=no",
+                        "NoNewPrivileges=no", "ProtectSystem=no", "ProtectHome=no", "PrivateTmp=no",
+                        "PrivateDevices=no", "ProtectKernelTunables=no", "ProtectKernelModules=no",
+                        "ProtectKernelLogs=no", "ProtectControlGroups=no", "ProtectClock=no", "ProtectHostname=no"],
+}
+UNIT_DROP_IN = "/run/systemd/system/celery-worker@.service.d/zz-celery-fleet-bench.conf"
 # --sweep: pools and concurrencies, each against each task size ({label: seconds of sleep_task, 0: benchmark_task}).
 SWEEP_POOLS = {
     "prefork-2": {"--pool": "prefork", "--concurrency": "2"},
@@ -159,6 +176,19 @@ def to_bare(hosts: list[str], client_host: str, queue: str, concurrency: int, va
         lab(host, "systemctl", "stop", "celery-workers.target")
         subprocess.run(["docker", "exec", "-d", f"celery-fleet-lab-{host}", "bash", "-c", command], check=True)
     answering(client_host, [f"bare@{host}" for host in hosts])
+
+
+def unit_variant(hosts: list[str], client_host: str, nodes: list[str], variant: str | None) -> None:
+    """Put the runtime drop-in of UNIT_VARIANTS[variant] on the fleet's instances (None: take it off), restart them."""
+    for host in hosts:
+        if variant:
+            text = "\n".join(["[Service]", *UNIT_VARIANTS[variant]]) + "\n"
+            lab(host, "bash", "-c", f"mkdir -p {Path(UNIT_DROP_IN).parent} && cat > {UNIT_DROP_IN}", input=text)
+        else:
+            lab(host, "rm", "-f", UNIT_DROP_IN)
+        lab(host, "systemctl", "daemon-reload")
+        lab(host, "systemctl", "restart", "celery-workers.target")
+    answering(client_host, nodes)
 
 
 def to_fleet(hosts: list[str], client_host: str, nodes: list[str]) -> None:
@@ -289,15 +319,19 @@ def main():
         return sweep(args, hosts)
     fleet_nodes = [f"web-worker@{host}" for host in hosts]
     modes = ["fleet"] + (["bare"] if args.compare_bare or args.breakdown else []) + (
-        list(VARIANTS) if args.breakdown else [])
+        list(VARIANTS) + list(UNIT_VARIANTS) if args.breakdown else [])
     runs = []
     try:
         for number in range(1, args.runs + 1):
             for mode in modes:
-                if mode != "fleet":
+                if mode in UNIT_VARIANTS:
+                    unit_variant(hosts, args.host, fleet_nodes, mode)
+                elif mode != "fleet":
                     to_bare(hosts, args.host, args.queue, args.concurrency, mode, args.instance)
                 result = run_once(args.host, args.tasks, args.queue) | {"mode": mode, "round": number}
-                if mode != "fleet":
+                if mode in UNIT_VARIANTS:
+                    unit_variant(hosts, args.host, fleet_nodes, None)
+                elif mode != "fleet":
                     to_fleet(hosts, args.host, fleet_nodes)
                 runs.append(result)
                 print(f"{args.label} {mode} run {number}: {result['tasks']} tasks in {result['seconds']:.2f} s "
@@ -305,22 +339,29 @@ def main():
                       f"p50/p95/p99 {result['latency_p50']:.3f}/{result['latency_p95']:.3f}/"
                       f"{result['latency_p99']:.3f} s)", flush=True)
     finally:
-        if len(modes) > 1:  # never leave the lab on bare workers
+        if len(modes) > 1:  # never leave the lab on bare workers, or on a unit variant
+            for host in hosts:
+                lab(host, "rm", "-f", UNIT_DROP_IN)
+                lab(host, "systemctl", "daemon-reload")
             to_fleet(hosts, args.host, fleet_nodes)
     medians = {mode: statistics.median(run["tasks_per_second"] for run in runs if run["mode"] == mode)
                for mode in modes}
     record = {"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
               "median_tasks_per_second": medians["fleet"], "medians": medians,
               "variants": {name: {"environment": environment, "options": options}
-                           for name, (environment, options) in VARIANTS.items() if name in modes}}
+                           for name, (environment, options) in VARIANTS.items() if name in modes}
+              | {name: {"unit_drop_in": lines} for name, lines in UNIT_VARIANTS.items() if name in modes}}
     if "bare" in medians:
         record["ratio_fleet_to_bare"] = round(medians["fleet"] / medians["bare"], 3)
     if args.breakdown:
-        # What each setting costs: the by-hand worker against itself with that one setting at Celery's default.
+        # What each setting costs: the by-hand worker against itself with that one setting at Celery's default;
+        # the unit's sandbox: the fleet's unit against itself with part of it off.
         record["ratio_to_by_hand"] = {mode: round(medians[mode] / medians["by-hand"], 3) for mode in modes}
+        record["ratio_to_fleet"] = {mode: round(medians[mode] / medians["fleet"], 3) for mode in modes}
     print(f"{args.label}: median tasks/s {json.dumps(medians)}"
           + (f", fleet/bare {record['ratio_fleet_to_bare']}" if "bare" in medians else "")
-          + (f", each against by-hand {json.dumps(record['ratio_to_by_hand'])}" if args.breakdown else ""))
+          + (f", each against by-hand {json.dumps(record['ratio_to_by_hand'])}, against the fleet's unit "
+             f"{json.dumps(record['ratio_to_fleet'])}" if args.breakdown else ""))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record["at"] = stamp
     output = Path(args.output) / f"throughput-{args.label}-{stamp}.json"
