@@ -121,7 +121,8 @@ class Fleet:
                                                 "redelivered", "unknown", "unacked_left", "send_failures", "monitor_errors",
                                                 "lost_whereabouts", "monitor_retries",
                                                 "sent_per_queue", "ran_per_node", "ran_per_release",
-                                                "max_out_of_service", "allowed_out_of_service", "samples")}
+                                                "max_out_of_service", "allowed_out_of_service", "samples",
+                                                "slow_replies")}
         summary["roll_seconds"] = round(load.marks["roll_end"] - load.marks["roll_start"], 1)
         summary["complete_seconds"] = round(load.marks["complete"] - load.marks["load_stop"], 1)
         print(f"{label}: {json.dumps(summary, sort_keys=True)}")
