@@ -309,6 +309,8 @@ def main():
     parser.add_argument("--concurrency", type=int, default=8, help="the bare workers' concurrency (the fleet's)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also the fleet's worker by hand, and with each setting at Celery's default (VARIANTS)")
+    parser.add_argument("--modes", help="with --breakdown: only these of fleet, bare, VARIANTS and UNIT_VARIANTS "
+                                        "(comma-separated; default all)")
     parser.add_argument("--instance", default="web", help="the worker hosts' instance the by-hand variants copy")
     parser.add_argument("--sweep", action="store_true",
                         help="the fleet's worker by hand with each pool of SWEEP_POOLS, against each task size")
@@ -320,6 +322,11 @@ def main():
     fleet_nodes = [f"web-worker@{host}" for host in hosts]
     modes = ["fleet"] + (["bare"] if args.compare_bare or args.breakdown else []) + (
         list(VARIANTS) + list(UNIT_VARIANTS) if args.breakdown else [])
+    if args.modes:
+        unknown = set(args.modes.split(",")) - set(modes)
+        if unknown or "fleet" not in args.modes.split(","):
+            sys.exit(f"--modes: {sorted(unknown)} unknown, or fleet missing; choose from {modes}")
+        modes = [mode for mode in modes if mode in args.modes.split(",")]
     runs = []
     try:
         for number in range(1, args.runs + 1):
@@ -356,11 +363,12 @@ def main():
     if args.breakdown:
         # What each setting costs: the by-hand worker against itself with that one setting at Celery's default;
         # the unit's sandbox: the fleet's unit against itself with part of it off.
-        record["ratio_to_by_hand"] = {mode: round(medians[mode] / medians["by-hand"], 3) for mode in modes}
+        if "by-hand" in medians:
+            record["ratio_to_by_hand"] = {mode: round(medians[mode] / medians["by-hand"], 3) for mode in modes}
         record["ratio_to_fleet"] = {mode: round(medians[mode] / medians["fleet"], 3) for mode in modes}
     print(f"{args.label}: median tasks/s {json.dumps(medians)}"
           + (f", fleet/bare {record['ratio_fleet_to_bare']}" if "bare" in medians else "")
-          + (f", each against by-hand {json.dumps(record['ratio_to_by_hand'])}, against the fleet's unit "
+          + (f", each against by-hand {json.dumps(record.get('ratio_to_by_hand'))}, against the fleet's unit "
              f"{json.dumps(record['ratio_to_fleet'])}" if args.breakdown else ""))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record["at"] = stamp
