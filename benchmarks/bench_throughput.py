@@ -118,9 +118,12 @@ VARIANTS = {
 # The fleet's unit itself with part of its sandbox taken off: a runtime drop-in (/run, gone at the next boot and
 # removed after the run) on every instance, the instances restarted warm. {variant: the drop-in's [Service] lines}.
 UNIT_VARIANTS = {
-    # Everything systemd enforces with a seccomp filter (hardening.conf): the filter runs on every system call.
+    # Everything systemd enforces with a seccomp filter (hardening.conf; ProtectClock, ProtectKernelModules and
+    # ProtectKernelLogs install one too): the filter runs on every system call. (The 2026-11-29 record's run of this
+    # variant left those three on; its unit-no-sandbox had none.)
     "unit-no-seccomp": ["SystemCallFilter=", "SystemCallArchitectures=", "RestrictAddressFamilies=",
-                        "RestrictNamespaces=no", "RestrictRealtime=no", "RestrictSUIDSGID=no", "LockPersonality=no"],
+                        "RestrictNamespaces=no", "RestrictRealtime=no", "RestrictSUIDSGID=no", "LockPersonality=no",
+                        "ProtectClock=no", "ProtectKernelModules=no", "ProtectKernelLogs=no"],
     # And the rest of the sandbox (namespaces, read-only file system, private /tmp and /dev).
     "unit-no-sandbox": ["SystemCallFilter=", "SystemCallArchitectures=", "RestrictAddressFamilies=",
                         "RestrictNamespaces=no", "RestrictRealtime=no", "RestrictSUIDSGID=no", "LockPersonality=no",
@@ -347,10 +350,10 @@ def main():
                       f"{result['latency_p99']:.3f} s)", flush=True)
     finally:
         if len(modes) > 1:  # never leave the lab on bare workers, or on a unit variant
-            for host in hosts:
-                lab(host, "rm", "-f", UNIT_DROP_IN)
-                lab(host, "systemctl", "daemon-reload")
             to_fleet(hosts, args.host, fleet_nodes)
+            if any(mode in UNIT_VARIANTS for mode in modes):
+                # (Restarted, not just started: an instance still running under a variant's drop-in keeps it.)
+                unit_variant(hosts, args.host, fleet_nodes, None)
     medians = {mode: statistics.median(run["tasks_per_second"] for run in runs if run["mode"] == mode)
                for mode in modes}
     record = {"label": args.label, "host": args.host, "queue": args.queue, "runs": runs,
