@@ -42,6 +42,12 @@ options:
       group: {type: str, default: root, description: Group name.}
       mode: {type: str, required: true, description: Octal mode as a string.}
       secret: {type: bool, default: false, description: Never show this file's content in a diff.}
+      validate:
+        type: str
+        description:
+          - A command run on the new content before it replaces the file, C(%s) standing for the temporary file's
+            path (as the template module's I(validate)); a non-zero exit fails the run and leaves the file as it was.
+            Run only when the content differs, never in check mode. Split like a shell's words, run without a shell.
   absent:
     description: Paths to remove (a directory with everything in it).
     type: list
@@ -61,6 +67,7 @@ changed_paths:
 import grp
 import os
 import pwd
+import shlex
 import shutil
 import stat
 import tempfile
@@ -157,8 +164,9 @@ def _read(path):
         return info, handle.read()
 
 
-def ensure_file(spec, check_mode):
-    """(changed, diff or None)."""
+def ensure_file(spec, check_mode, validate=None):
+    """(changed, diff or None). validate(command, path) checks the temporary file before it is renamed into place
+    (raises ValueError when the command refuses it)."""
     path = spec["path"]
     mode = _mode(spec["mode"], path)
     uid, gid = _ids(spec["owner"], spec["group"], check_mode, path)
@@ -180,6 +188,8 @@ def ensure_file(spec, check_mode):
                     handle.flush()
                     os.fsync(handle.fileno())
                     written = os.fstat(handle.fileno()).st_ino
+                if spec.get("validate"):
+                    validate(spec["validate"], temporary)
                 os.replace(temporary, path)
             except BaseException:
                 if os.path.lexists(temporary):
@@ -205,12 +215,28 @@ def ensure_file(spec, check_mode):
     return True, diff
 
 
-def run(params, check_mode, changed=None):
-    """(changed paths, diffs). Every mode, owner and group is checked before anything is changed. `changed` (a
-    list) is filled as paths change, so a caller still knows them when a later path fails."""
+def validator(run_command):
+    """validate(command, path) for ensure_file: the command's words (shell-split, no shell) with %s replaced by the
+    path, run through run_command (AnsibleModule.run_command's (rc, stdout, stderr)); a non-zero exit raises."""
+    def validate(command, path):
+        argv = [word.replace("%s", path) for word in shlex.split(command)]
+        rc, out, err = run_command(argv)
+        if rc != 0:
+            raise ValueError(f"validation {command!r} refused the new content (exit {rc}): "
+                             f"{(out + err).strip()[-2000:]}")
+    return validate
+
+
+def run(params, check_mode, changed=None, validate=None):
+    """(changed paths, diffs). Every mode, owner and group (and every validate command's %s) is checked before
+    anything is changed. `changed` (a list) is filled as paths change, so a caller still knows them when a later
+    path fails. validate: see ensure_file."""
     for spec in params["directories"] + params["files"]:
         _mode(spec["mode"], spec["path"])
         _ids(spec["owner"], spec["group"], check_mode, spec["path"])
+    for spec in params["files"]:
+        if spec.get("validate") and "%s" not in spec["validate"]:
+            raise ValueError(f"{spec['path']}: validate must contain %s (the new file's path): {spec['validate']!r}")
     changed = [] if changed is None else changed
     diffs = []
     for path in params["absent"]:
@@ -222,7 +248,7 @@ def run(params, check_mode, changed=None):
         if ensure_directory(spec, check_mode):
             changed.append(spec["path"])
     for spec in params["files"]:
-        file_changed, diff = ensure_file(spec, check_mode)
+        file_changed, diff = ensure_file(spec, check_mode, validate)
         if file_changed:
             changed.append(spec["path"])
             if diff:
@@ -240,7 +266,8 @@ def main():
             "files": {"type": "list", "elements": "dict", "default": [],
                       "options": {"path": {"type": "path", "required": True},
                                   "content": {"type": "str", "required": True},
-                                  "secret": {"type": "bool", "default": False}, **owned}},
+                                  "secret": {"type": "bool", "default": False},
+                                  "validate": {"type": "str"}, **owned}},
             "absent": {"type": "list", "elements": "path", "default": []},
         },
         supports_check_mode=True,
@@ -255,7 +282,7 @@ def main():
         module.fail_json(msg=f"celery_fleet_files: a path is given more than once: {twice}")
     done = []
     try:
-        changed, diffs = run(module.params, module.check_mode, done)
+        changed, diffs = run(module.params, module.check_mode, done, validator(module.run_command))
     except (OSError, ValueError) as error:
         # What was changed before the failure is reported: its handlers are still owed.
         module.fail_json(msg=f"celery_fleet_files: {error}", changed=bool(done), changed_paths=done)

@@ -108,3 +108,39 @@ def test_a_failure_still_reports_what_changed_before_it(tmp_path):
     with pytest.raises(ValueError):
         files.run(bad, check_mode=False, changed=done)
     assert str(tmp_path / "var") in done
+
+
+def _run_command(argv):
+    import subprocess  # noqa: PLC0415
+    done = subprocess.run(argv, capture_output=True, text=True)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_validate_checks_the_new_content_before_it_lands_and_a_refusal_leaves_the_old_file(tmp_path):
+    """The command sees the new content at %s; a refusal fails the run, keeps the old file and leaves no
+    temporary file; the same content is never validated again."""
+    seen = tmp_path / "seen"
+    check = f"sh -c 'cp \"$1\" {seen} && ! grep -q bad \"$1\"' check %s"
+    spec = params(tmp_path)
+    spec["files"][0]["validate"] = check
+    validate = files.validator(_run_command)
+    target = tmp_path / "etc" / "app" / "app.env"
+    assert files.run(spec, check_mode=False, validate=validate)[0][-1] == str(target)
+    assert seen.read_text() == "one\n" and target.read_text() == "one\n"
+    seen.unlink()
+    assert files.run(spec, check_mode=False, validate=validate) == ([], [])
+    assert not seen.exists()
+    spec["files"][0]["content"] = "bad\n"
+    with pytest.raises(ValueError, match=r"refused the new content \(exit 1\)"):
+        files.run(spec, check_mode=False, validate=validate)
+    assert target.read_text() == "one\n"
+    assert sorted(path.name for path in target.parent.iterdir()) == ["app.env"]
+    assert files.run(spec, check_mode=True, validate=validate)[0] == [str(target)]
+
+
+def test_a_validate_command_without_the_file_s_place_is_refused_before_any_change(tmp_path):
+    spec = params(tmp_path)
+    spec["files"][0]["validate"] = "true"
+    with pytest.raises(ValueError, match="validate must contain %s"):
+        files.run(spec, check_mode=False, validate=files.validator(_run_command))
+    assert not (tmp_path / "etc").exists()
