@@ -47,7 +47,8 @@ options:
         description:
           - A command run on the new content before it replaces the file, C(%s) standing for the temporary file's
             path (as the template module's I(validate)); a non-zero exit fails the run and leaves the file as it was.
-            Run only when the content differs, never in check mode. Split like a shell's words, run without a shell.
+            Run only when the content differs, never in check mode. Split like a shell's words, run without a shell
+            (no C($VAR) or C(~) expanded). Not allowed on a I(secret) file (its output reaches the error message).
   absent:
     description: Paths to remove (a directory with everything in it).
     type: list
@@ -220,7 +221,8 @@ def validator(run_command):
     path, run through run_command (AnsibleModule.run_command's (rc, stdout, stderr)); a non-zero exit raises."""
     def validate(command, path):
         argv = [word.replace("%s", path) for word in shlex.split(command)]
-        rc, out, err = run_command(argv)
+        # A missing command raises (OSError), reported with the paths changed before it; no $VAR or ~ expanded.
+        rc, out, err = run_command(argv, handle_exceptions=False, expand_user_and_vars=False)
         if rc != 0:
             raise ValueError(f"validation {command!r} refused the new content (exit {rc}): "
                              f"{(out + err).strip()[-2000:]}")
@@ -235,8 +237,19 @@ def run(params, check_mode, changed=None, validate=None):
         _mode(spec["mode"], spec["path"])
         _ids(spec["owner"], spec["group"], check_mode, spec["path"])
     for spec in params["files"]:
-        if spec.get("validate") and "%s" not in spec["validate"]:
-            raise ValueError(f"{spec['path']}: validate must contain %s (the new file's path): {spec['validate']!r}")
+        if spec.get("validate"):
+            try:
+                words = shlex.split(spec["validate"])
+            except ValueError as error:
+                raise ValueError(f"{spec['path']}: validate is not a command line ({error}): "
+                                 f"{spec['validate']!r}") from error
+            if not any("%s" in word for word in words):
+                raise ValueError(f"{spec['path']}: validate must contain %s (the new file's path): "
+                                 f"{spec['validate']!r}")
+            # The command's output goes into the error message: a secret file's content must never reach it.
+            if spec["secret"]:
+                raise ValueError(f"{spec['path']}: a secret file cannot be validated (the command's output would "
+                                 "show its content)")
     changed = [] if changed is None else changed
     diffs = []
     for path in params["absent"]:

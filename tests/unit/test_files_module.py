@@ -110,8 +110,10 @@ def test_a_failure_still_reports_what_changed_before_it(tmp_path):
     assert str(tmp_path / "var") in done
 
 
-def _run_command(argv):
+def _run_command(argv, handle_exceptions=True, expand_user_and_vars=True):
+    """AnsibleModule.run_command's shape, as the module calls it (a missing command raises)."""
     import subprocess  # noqa: PLC0415
+    assert (handle_exceptions, expand_user_and_vars) == (False, False)
     done = subprocess.run(argv, capture_output=True, text=True)
     return done.returncode, done.stdout, done.stderr
 
@@ -138,9 +140,26 @@ def test_validate_checks_the_new_content_before_it_lands_and_a_refusal_leaves_th
     assert files.run(spec, check_mode=True, validate=validate)[0] == [str(target)]
 
 
-def test_a_validate_command_without_the_file_s_place_is_refused_before_any_change(tmp_path):
-    spec = params(tmp_path)
-    spec["files"][0]["validate"] = "true"
-    with pytest.raises(ValueError, match="validate must contain %s"):
+@pytest.mark.parametrize("command, secret, refusal", [
+    ("true", False, "validate must contain %s"),
+    ("check 'unclosed %s", False, "validate is not a command line"),
+    ("check %s", True, "a secret file cannot be validated"),
+])
+def test_a_validate_command_that_cannot_work_is_refused_before_any_change(tmp_path, command, secret, refusal):
+    spec = params(tmp_path, secret=secret)
+    spec["files"][0]["validate"] = command
+    with pytest.raises(ValueError, match=refusal):
         files.run(spec, check_mode=False, validate=files.validator(_run_command))
     assert not (tmp_path / "etc").exists()
+
+
+def test_a_missing_validate_command_fails_and_still_reports_the_paths_changed_before_it(tmp_path):
+    spec = params(tmp_path)
+    spec["files"].append({"path": str(tmp_path / "etc" / "app" / "rules.yml"), "content": "x\n", "owner": OWNER,
+                          "group": GROUP, "mode": "0644", "secret": False,
+                          "validate": "celery-fleet-no-such-checker %s"})
+    done = []
+    with pytest.raises(OSError):
+        files.run(spec, check_mode=False, changed=done, validate=files.validator(_run_command))
+    assert done == [str(tmp_path / "etc" / "app"), str(tmp_path / "etc" / "app" / "app.env")]
+    assert sorted(path.name for path in (tmp_path / "etc" / "app").iterdir()) == ["app.env"]
