@@ -65,3 +65,42 @@ def test_a_find_links_directory_that_does_not_exist_is_named(tmp_path):
     source = copy_app(tmp_path)
     with pytest.raises(SystemExit, match="celery_worker_wheelhouse_find_links: /nowhere is not a directory"):
         build_wheelhouse.source_digest(str(source), str(source / "requirements.lock"), ["/nowhere"])
+
+
+# --- The lookup the roles compute it with (plugins/lookup): the builder's own function, no module run -----------
+
+BUILDER = Path(build_wheelhouse.__file__)
+
+
+def lookup(source, **options):
+    """The plugin as a play loads it (its documented options), run as lookup('celery_fleet_source_digest', ...)."""
+    from ansible.plugins.loader import lookup_loader
+
+    lookup_loader.add_directory(str(Path(__file__).resolve().parents[2] / "plugins" / "lookup"))
+    plugin = lookup_loader.get("celery_fleet_source_digest")
+    return plugin.run([str(source)], variables={}, builder=str(BUILDER), **options)
+
+
+def test_the_lookup_gives_the_builders_digest_as_its_digest_flag_prints_it(tmp_path):
+    import subprocess
+    import sys
+
+    source = copy_app(tmp_path)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "extra-1.0-py3-none-any.whl").write_bytes(b"wheel")
+    printed = subprocess.run([sys.executable, str(BUILDER), "--app-source", str(source), "--lock",
+                              str(source / "requirements.lock"), "--digest", f"--find-links={wheels}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert lookup(source, lock=str(source / "requirements.lock"), find_links=[str(wheels)]) == [printed]
+    assert lookup(source, lock=str(source / "requirements.lock")) == [digest(source)] != [printed]
+
+
+def test_the_lookup_names_what_it_cannot_read(tmp_path):
+    from ansible.errors import AnsibleLookupError
+
+    source = copy_app(tmp_path)
+    with pytest.raises(AnsibleLookupError, match="celery_worker_wheelhouse_find_links: .*missing is not a directory"):
+        lookup(source, lock=str(source / "requirements.lock"), find_links=[str(tmp_path / "missing")])
+    with pytest.raises(AnsibleLookupError, match="No such file"):
+        lookup(source, lock=str(tmp_path / "no.lock"))
