@@ -151,8 +151,8 @@ def test_a_roll_with_the_broker_stopped_refuses_in_seconds_and_drains_nothing(fl
         broker.check_output("systemctl start redis-server")
     print(f"roll with the broker stopped: refused after {seconds:.1f} s")
     assert rc != 0, output[-4000:]
-    assert "Wait until the host's nodes answer" in output and "celery control wait_answering failed" in output, (
-        output[-4000:])
+    assert ("Wait until the nodes of the run's hosts answer" in output
+            and "celery control wait_answering failed" in output), output[-4000:]
     assert "PLAY [Roll the worker groups" not in output
     assert fleet.units() == before, "a worker was stopped or restarted"
     # The workers reconnect by themselves and consume again.
