@@ -55,6 +55,32 @@ options:
     type: list
     elements: str
     default: []
+  match:
+    description: >-
+      Files to search line by line, as C(grep --only-matching --extended-regexp '^(...)') would: for each line, the
+      part each pattern matches at its start (Python regular expressions), in file order. Only those parts leave the
+      host, never the rest of the file (a configuration someone else wrote may hold a password). A missing or
+      unreadable file gives null.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      path: {type: path, required: true, description: The file.}
+      patterns: {type: list, elements: str, required: true, description: Patterns matched at the start of a line.}
+  connect:
+    description: >-
+      TCP endpoints to try to connect to from the host (at most I(connect_timeout) seconds each): whether each
+      accepted a connection, as C(connectable) keyed C(host:port). Nothing is sent.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      host: {type: str, required: true, description: Host name or address.}
+      port: {type: int, required: true, description: TCP port.}
+  connect_timeout:
+    description: Seconds each I(connect) attempt may take.
+    type: float
+    default: 3
 author: celery-fleet
 """
 
@@ -97,12 +123,22 @@ memory_total:
   description: The host's memory in bytes (MemTotal of /proc/meminfo), or null where it cannot be read.
   type: int
   returned: always
+matches:
+  description: Path to the parts its lines matched (see I(match)), or null for a file that cannot be read.
+  type: dict
+  returned: always
+connectable:
+  description: C(host:port) to whether it accepted a TCP connection within I(connect_timeout).
+  type: dict
+  returned: always
 """
 
 import fnmatch
 import grp
 import os
 import pwd
+import re
+import socket
 import stat
 
 from ansible.module_utils.basic import AnsibleModule
@@ -222,6 +258,28 @@ def _memory_total(meminfo="/proc/meminfo"):
     return None
 
 
+def _match(path, patterns):
+    """The parts of each line that each pattern matches at its start (grep -o -E '^(...)'), or None."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+    found = []
+    try:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                line = raw.rstrip(b"\n").decode("utf-8", "replace")
+                found += [match.group(0) for match in (regex.match(line) for regex in compiled) if match]
+    except OSError:
+        return None
+    return found
+
+
+def _connectable(host, port, timeout):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def read_state(params, run_command):
     """Everything the parameters ask for; run_command(argv) -> (rc, stdout, stderr) runs systemctl and dpkg-query."""
     units_show, units, schemes = "", {}, {}
@@ -247,6 +305,10 @@ def read_state(params, run_command):
         "accounts": _accounts(params.get("user"), params.get("group")),
         "packages": _packages(run_command, params.get("packages") or []),
         "memory_total": _memory_total(),
+        "matches": {spec["path"]: _match(spec["path"], spec["patterns"]) for spec in params.get("match") or []},
+        "connectable": {f"{spec['host']}:{spec['port']}": _connectable(spec["host"], spec["port"],
+                                                                        params.get("connect_timeout") or 3)
+                        for spec in params.get("connect") or []},
     }
 
 
@@ -265,6 +327,13 @@ def main():
             "user": {"type": "str"},
             "group": {"type": "str"},
             "packages": {"type": "list", "elements": "str", "default": []},
+            "match": {"type": "list", "elements": "dict", "default": [], "options": {
+                "path": {"type": "path", "required": True},
+                "patterns": {"type": "list", "elements": "str", "required": True}}},
+            "connect": {"type": "list", "elements": "dict", "default": [], "options": {
+                "host": {"type": "str", "required": True},
+                "port": {"type": "int", "required": True}}},
+            "connect_timeout": {"type": "float", "default": 3},
         },
         supports_check_mode=True,
     )

@@ -110,7 +110,7 @@ def test_nothing_asked_runs_nothing():
     result = state.read_state({}, run)
     assert result.pop("memory_total") > 0
     assert result == {"units_show": "", "units": {}, "url_schemes": {}, "paths": {}, "contents": {}, "found": [],
-                      "accounts": {}, "packages": {}}
+                      "accounts": {}, "packages": {}, "matches": {}, "connectable": {}}
     assert calls == []
 
 
@@ -121,3 +121,39 @@ def test_the_host_memory_is_memtotal_in_bytes(tmp_path):
     meminfo.write_text("garbage\n")
     assert state._memory_total(str(meminfo)) is None
     assert state._memory_total(str(tmp_path / "absent")) is None
+
+
+def test_matches_are_the_start_of_lines_as_grep_only_matching_and_nothing_else_of_the_file(tmp_path):
+    """As grep -o -E '^(# Redis as a Celery broker with ACL users|tls-port )': the broker's read of redis.conf.
+    The rest of a line (a password someone else's configuration holds) never leaves the host."""
+    patterns = ["# Redis as a Celery broker with ACL users", "tls-port "]
+    ours = tmp_path / "redis.conf"
+    ours.write_text("# Redis as a Celery broker with ACL users: durable (AOF), never evicting.\nport 0\n"
+                    "tls-port 6379\n  tls-port 1\n# tls-port 2\n")
+    theirs = tmp_path / "theirs.conf"
+    theirs.write_text("requirepass s3cret-not-to-be-shown\nport 6379\n")
+    big = tmp_path / "big.conf"
+    big.write_bytes(b"# padding\n" * (state.READ_LIMIT // 5) + b"tls-port 6379\n")
+    matches = state.read_state({"match": [{"path": str(path), "patterns": patterns}
+                                          for path in (ours, theirs, big, tmp_path / "missing.conf")]},
+                               fake_run()[0])["matches"]
+    assert matches[str(ours)] == ["# Redis as a Celery broker with ACL users", "tls-port "]
+    assert matches[str(theirs)] == [] and "s3cret" not in repr(matches)
+    assert matches[str(big)] == ["tls-port "]  # no size limit: read line by line
+    assert matches[str(tmp_path / "missing.conf")] is None
+
+
+def test_connect_says_whether_a_port_accepts_connections(tmp_path):
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        open_port = listener.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed_port = probe.getsockname()[1]  # bound, never listening: refused
+        result = state.read_state({"connect": [{"host": "127.0.0.1", "port": open_port},
+                                               {"host": "127.0.0.1", "port": closed_port}], "connect_timeout": 2},
+                                  fake_run()[0])["connectable"]
+    assert result == {f"127.0.0.1:{open_port}": True, f"127.0.0.1:{closed_port}": False}
