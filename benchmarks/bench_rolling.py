@@ -62,6 +62,9 @@ def parse_args():
     parser.add_argument("--tail", type=float, default=10.0, help="seconds of load after the roll")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--playbook-log", default=None,
+                        help="also write the roll's ansible-playbook output here (e.g. with "
+                             "ANSIBLE_CALLBACKS_ENABLED=profile_tasks in the environment: where the roll's time goes)")
     parser.add_argument("--surge", action="store_true",
                         help="the roll runs in rolling_mode surge (set it in --extra-vars): the monitor waits for every "
                              "node's reply, surge processes included")
@@ -237,6 +240,8 @@ def main():
         ["--limit", args.limit] if args.limit else [])
     rc, output = fleetload.run_playbook(args.playbook, *extra, inventory=args.inventory, project=PROJECT)
     load.mark("roll_end")
+    if args.playbook_log:
+        Path(args.playbook_log).write_text(output)
     time.sleep(args.tail)
     records = load.finish()
     report = fleetload.analyse(load.producer.sent, records, load.monitor.samples, node_groups, load.marks, allowed,

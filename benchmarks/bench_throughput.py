@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -319,6 +320,9 @@ def main():
                         help="the fleet's worker by hand with each pool of SWEEP_POOLS, against each task size")
     parser.add_argument("--output", default=str(PROJECT / "benchmarks" / "results"))
     args = parser.parse_args()
+    # A SIGTERM (a timeout, a CI's kill) raises SystemExit as Ctrl-C raises KeyboardInterrupt: the finally clauses below
+    # put the fleet's own instances back instead of leaving the lab on bare workers, or none.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     hosts = args.worker_hosts.split(",")
     if args.sweep:
         return sweep(args, hosts)

@@ -98,6 +98,16 @@ options:
       that a roll keeps a node out of service for its own stop and start and not for Ansible's tasks. A failure
       names its step in C(step) (stop, start or health check). In check mode it only waits.
     type: str
+  guard:
+    description:
+      - "For C(cancel_consumer): the roll's capacity guard, checked in the same module run before any consumer is
+        cancelled (one module start less per drained node). Keys as the filter C(celery_fleet_capacity_guard) takes
+        them: C(node), C(group), C(host_nodes), C(batch_hosts), C(min_online). The nodes the guard counts are asked
+        for their queues (I(timeout)); when too few are in service the call fails with the guard's refusal and
+        C(step) C(capacity guard), nothing cancelled. A broker error while asking fails the same step; one while
+        cancelling fails C(step) C(drain)."
+      - The guard's arithmetic is the filter's own (plugins/filter/celery_fleet.py, shipped as a module_utils).
+    type: dict
   links:
     description: For C(restart_consuming), symbolic links to point (atomically) between the stop and the start.
     type: list
@@ -153,9 +163,15 @@ start_seconds:
   type: float
   returned: when action is restart_consuming
 step:
-  description: For a failed C(restart_consuming), the step that failed (stop, start or health check).
+  description: >-
+    For a failed C(restart_consuming), the step that failed (stop, start or health check); for a failed
+    C(cancel_consumer) with I(guard), capacity guard or drain.
   type: str
-  returned: on failure of restart_consuming
+  returned: on failure of restart_consuming, and of cancel_consumer with guard
+guard:
+  description: For C(cancel_consumer) with I(guard), the guard's verdict (counted, in_service, needed, refusal).
+  type: dict
+  returned: when action is cancel_consumer and guard is given
 nodes_status:
   description: >-
     For C(status): per answering node, C(pool), C(concurrency), C(active), C(reserved), C(processed) (tasks
@@ -430,6 +446,27 @@ def run(app, action, method="active", destination=None, queue=None, timeout=2.0,
     return True, replies
 
 
+def _fleet_filters():
+    """The fleet's filter plugin, for its capacity guard (one definition): shipped to the host as a module_utils
+    (plugins/module_utils/celery_fleet.py links to it); imported without Ansible, the file beside this one."""
+    try:
+        from ansible.module_utils import celery_fleet
+    except ImportError:
+        import celery_fleet
+    return celery_fleet
+
+
+def capacity_guard(app, guard, timeout=2.0):
+    """The roll's capacity guard for draining guard["node"]: ask the nodes it counts for their queues (the call
+    ends once they all replied, else at `timeout`) and judge with the filter's celery_fleet_capacity_guard.
+    Returns its verdict ({"counted", "in_service", "needed", "unknown_hosts", "refusal"})."""
+    fleet = _fleet_filters()
+    node, host_nodes, batch_hosts = guard["node"], guard.get("host_nodes") or {}, guard.get("batch_hosts") or []
+    counted = fleet.capacity_guard_nodes(node, host_nodes, batch_hosts)
+    replies = (app.control.inspect(destination=counted, timeout=timeout).active_queues() or {}) if counted else {}
+    return fleet.capacity_guard(node, guard.get("group"), host_nodes, batch_hosts, guard.get("min_online"), replies)
+
+
 class StepFailed(Exception):
     """A step of restart_consuming failed; `step` names it (stop, start, health check)."""
 
@@ -557,6 +594,7 @@ def main():
             "transport_options": {"type": "dict", "default": {}},
             "deadline": {"type": "float", "default": 30.0},
             "unit": {"type": "str"},
+            "guard": {"type": "dict"},
             "links": {"type": "list", "elements": "dict", "default": [], "options": {
                 "path": {"type": "path", "required": True}, "target": {"type": "path", "required": True}}},
         },
@@ -573,10 +611,23 @@ def main():
         module.fail_json(msg=missing_required_lib("celery") + " (run it with the release venv's python)")
     params = module.params
     app = client_app(params["broker_url"], params["transport_options"])
-    timings = {}
+    reported = {}
+    # The capacity guard first, in its own bounded call: a refusal or a failed ask touched nothing (step "capacity
+    # guard"); a failure of the cancel itself is the drain's.
+    guarded = params["action"] == "cancel_consumer" and bool(params["guard"])
+    if guarded:
+        try:
+            reported["guard"] = within(params["deadline"], capacity_guard, app, params["guard"], params["timeout"])
+        except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
+            app.close()
+            module.fail_json(msg=f"Capacity guard: asking the group's nodes for their queues failed: {error}",
+                             step="capacity guard")
+        if reported["guard"]["refusal"]:
+            app.close()
+            module.fail_json(msg=reported["guard"]["refusal"], step="capacity guard", **reported)
     if params["action"] == "restart_consuming" and not module.check_mode:
         try:
-            timings = restart(params["unit"], params["links"], module.run_command,
+            reported = restart(params["unit"], params["links"], module.run_command,
                               module.get_bin_path("systemctl", required=True))
         except StepFailed as failure:
             app.close()
@@ -598,19 +649,20 @@ def main():
     try:
         outcome = within(params["deadline"], *call)
     except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
-        module.fail_json(msg=f"celery control {params['action']} failed: {error}", **timings,
-                         **({"step": "health check"} if params["action"] == "restart_consuming" else {}))
+        module.fail_json(msg=f"celery control {params['action']} failed: {error}", **reported,
+                         **({"step": "health check"} if params["action"] == "restart_consuming"
+                            else {"step": "drain"} if guarded else {}))
     finally:
         app.close()
     if params["action"] == "restart_consuming":
         # (A dry run too says the instance would restart, as the unit and link tasks it replaces did.)
-        module.exit_json(changed=True, nodes=sorted(outcome["replies"]), **outcome, **timings)
+        module.exit_json(changed=True, nodes=sorted(outcome["replies"]), **outcome, **reported)
     if params["action"] in ("wait_consuming", "wait_answering", "wait_drained"):
         module.exit_json(changed=False, nodes=sorted(outcome["replies"]), **outcome)
     if params["action"] == "status":
         module.exit_json(changed=False, nodes=sorted(outcome["nodes_status"]), replies={}, **outcome)
     changed, replies = outcome
-    module.exit_json(changed=changed, nodes=sorted(replies), replies=replies)
+    module.exit_json(changed=changed, nodes=sorted(replies), replies=replies, **reported)
 
 if __name__ == "__main__":
     main()

@@ -271,6 +271,32 @@ def test_a_control_call_restores_unacked_messages_older_than_its_own_visibility_
     assert {name: int(not client.hexists("unacked", tag)) for name, tag in tags.items()} == restored
 
 
+def test_the_capacity_guard_asks_the_nodes_it_counts_and_judges_with_the_filter(worker):
+    """The drain's call checks the group's capacity itself (no module run of its own): the nodes the guard counts
+    are asked for their queues, and the filter's celery_fleet_capacity_guard judges the replies."""
+    drained = "web-worker@drained"
+    group = {"h0": {drained: ["default", "priority"]}, "h1": {NODE: ["default", "priority"]}}
+    verdict = celery_control.capacity_guard(worker, {"node": drained, "group": "web", "host_nodes": group,
+                                                     "batch_hosts": [], "min_online": None}, timeout=2)
+    assert verdict["counted"] == [NODE] and verdict["in_service"] == [NODE] and verdict["refusal"] == "", verdict
+    # A batch-mate's nodes never count; a node expected to consume a queue it does not, and one that never answers,
+    # are not in service, and the refusal names both.
+    group = {"h0": {drained: ["default"]}, "h1": {NODE: ["default", "priority", "batch"]},
+             "h2": {"web-worker@ghost": ["default"]}, "h3": {"web-worker@mate": ["default"]}}
+    started = time.monotonic()
+    verdict = celery_control.capacity_guard(worker, {"node": drained, "group": "web", "host_nodes": group,
+                                                     "batch_hosts": ["h3"], "min_online": 1}, timeout=1)
+    assert verdict["counted"] == [NODE, "web-worker@ghost"] and verdict["in_service"] == [], verdict
+    assert verdict["refusal"] == (
+        "Capacity guard: 0 other node(s) of group web are in service (none); celery_worker_rolling_min_online needs "
+        f"1; {NODE} does not consume batch; web-worker@ghost does not answer. Not draining {drained}"), verdict
+    assert time.monotonic() - started < 3
+    # Nothing to count (a one-node group) asks nobody.
+    verdict = celery_control.capacity_guard(worker, {"node": drained, "group": "web", "host_nodes": {"h0": {}},
+                                                     "min_online": 0}, timeout=2)
+    assert verdict["counted"] == [] and verdict["refusal"] == "", verdict
+
+
 def test_wait_consuming_answers_as_soon_as_the_node_consumes_its_queues(worker):
     outcome = celery_control.wait_consuming(worker, [NODE], ["priority", "default"], wait=10)
     assert outcome["consuming"] is True and outcome["seconds"] < 1.0, outcome

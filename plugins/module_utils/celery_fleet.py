@@ -1,0 +1,1 @@
+../filter/celery_fleet.py
