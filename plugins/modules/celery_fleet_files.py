@@ -18,7 +18,10 @@ description:
   - Check mode reports what would change and changes nothing; an owner or group that does not exist yet is
     then reported as a change (the run creates the user before this task), not as an error.
   - Diff mode shows each changed file's old and new text, except for files marked I(secret).
-  - Content given here travels in the module's arguments, so a task whose files hold secrets sets C(no_log).
+  - Content given here travels in the module's arguments. A secret file's content goes in I(secret_contents), a
+    C(no_log) argument (Ansible masks it in every result and log), so that one task, without C(no_log), writes
+    secret and ordinary files and still shows the ordinary ones' diffs; a task that puts secret text in I(files)
+    sets C(no_log) itself.
 options:
   directories:
     description: Directories to ensure.
@@ -37,7 +40,9 @@ options:
     default: []
     suboptions:
       path: {type: path, required: true, description: Absolute path; its directory must exist.}
-      content: {type: str, required: true, description: The file's text (UTF-8).}
+      content:
+        type: str
+        description: The file's text (UTF-8). Required, except for a I(secret) file whose text is in I(secret_contents).
       owner: {type: str, default: root, description: Owner name.}
       group: {type: str, default: root, description: Group name.}
       mode: {type: str, required: true, description: Octal mode as a string.}
@@ -49,6 +54,12 @@ options:
             path (as the template module's I(validate)); a non-zero exit fails the run and leaves the file as it was.
             Run only when the content differs, never in check mode. Split like a shell's words, run without a shell
             (no C($VAR) or C(~) expanded). Not allowed on a I(secret) file (its output reaches the error message).
+  secret_contents:
+    description:
+      - "The text of I(secret) files, by path: {path: content}. A C(no_log) argument: never shown in a result, a log
+        or a diff. Each path must be a file of I(files) marked I(secret) and without its own I(content)."
+    type: dict
+    default: {}
   absent:
     description: Paths to remove (a directory with everything in it).
     type: list
@@ -229,10 +240,33 @@ def validator(run_command):
     return validate
 
 
+def with_secret_contents(files, secret_contents):
+    """`files` with each secret file's content taken from `secret_contents` ({path: content}). Raises ValueError
+    naming the path (never the content) of a file with no content or two, or of a secret content no secret file
+    takes."""
+    secret_contents = secret_contents or {}
+    complete = []
+    for spec in files:
+        path = spec["path"]
+        if path in secret_contents:
+            if not spec.get("secret") or spec.get("content") is not None:
+                raise ValueError(f"{path}: a content in secret_contents is for a file marked secret without content "
+                                 "of its own")
+            spec = dict(spec, content=secret_contents[path])
+        elif spec.get("content") is None:
+            raise ValueError(f"{path}: no content (give it in content, or in secret_contents for a secret file)")
+        complete.append(spec)
+    stray = sorted(set(secret_contents) - {spec["path"] for spec in files})
+    if stray:
+        raise ValueError(f"secret_contents names paths that are not files of this task: {stray}")
+    return complete
+
+
 def run(params, check_mode, changed=None, validate=None):
     """(changed paths, diffs). Every mode, owner and group (and every validate command's %s) is checked before
     anything is changed. `changed` (a list) is filled as paths change, so a caller still knows them when a later
     path fails. validate: see ensure_file."""
+    params = dict(params, files=with_secret_contents(params["files"], params.get("secret_contents")))
     for spec in params["directories"] + params["files"]:
         _mode(spec["mode"], spec["path"])
         _ids(spec["owner"], spec["group"], check_mode, spec["path"])
@@ -278,9 +312,10 @@ def main():
                             "options": {"path": {"type": "path", "required": True}, **owned}},
             "files": {"type": "list", "elements": "dict", "default": [],
                       "options": {"path": {"type": "path", "required": True},
-                                  "content": {"type": "str", "required": True},
+                                  "content": {"type": "str"},
                                   "secret": {"type": "bool", "default": False},
                                   "validate": {"type": "str"}, **owned}},
+            "secret_contents": {"type": "dict", "default": {}, "no_log": True},
             "absent": {"type": "list", "elements": "path", "default": []},
         },
         supports_check_mode=True,

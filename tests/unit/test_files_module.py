@@ -1,9 +1,13 @@
 """celery_fleet_files (plugins/modules): many files in one module run, changed only when they differ."""
 
 import grp
+import json
 import os
 import pwd
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +167,55 @@ def test_a_missing_validate_command_fails_and_still_reports_the_paths_changed_be
         files.run(spec, check_mode=False, changed=done, validate=files.validator(_run_command))
     assert done == [str(tmp_path / "etc" / "app"), str(tmp_path / "etc" / "app" / "app.env")]
     assert sorted(path.name for path in (tmp_path / "etc" / "app").iterdir()) == ["app.env"]
+
+
+def test_secret_contents_write_a_secret_file_beside_ordinary_ones_whose_diffs_show(tmp_path):
+    spec = params(tmp_path, content="ordinary\n")
+    secret_path = str(tmp_path / "etc" / "app" / "celery.env")
+    spec["files"].append({"path": secret_path, "content": None, "owner": OWNER, "group": GROUP, "mode": "0600",
+                          "secret": True})
+    spec["secret_contents"] = {secret_path: "password=hunter2\n"}
+    changed, diffs = files.run(spec, check_mode=False)
+    assert changed[-2:] == [str(tmp_path / "etc" / "app" / "app.env"), secret_path]
+    assert (tmp_path / "etc" / "app" / "celery.env").read_text() == "password=hunter2\n"
+    assert diffs[0]["after"] == "ordinary\n" and "hunter2" not in repr(diffs), diffs
+    assert files.run(spec, check_mode=False) == ([], [])
+
+
+@pytest.mark.parametrize("mistake, refusal", [
+    ("not secret", "is for a file marked secret without content of its own"),
+    ("both", "is for a file marked secret without content of its own"),
+    ("stray", "secret_contents names paths that are not files of this task"),
+    ("none", "no content (give it in content, or in secret_contents for a secret file)"),
+])
+def test_secret_contents_that_do_not_fit_are_refused_naming_the_path_never_the_text(tmp_path, mistake, refusal):
+    spec = params(tmp_path, content=None if mistake in ("not secret", "none") else "inline\n",
+                  secret=mistake in ("both", "stray"))
+    target = spec["files"][0]["path"]
+    spec["secret_contents"] = ({} if mistake == "none" else
+                               {str(tmp_path / "elsewhere"): "password=hunter2\n"} if mistake == "stray" else
+                               {target: "password=hunter2\n"})
+    with pytest.raises(ValueError) as refused:
+        files.run(spec, check_mode=False)
+    assert refusal in str(refused.value) and "hunter2" not in str(refused.value)
+    assert not (tmp_path / "etc").exists()
+
+
+def test_ansible_masks_secret_contents_in_every_output_and_still_shows_the_ordinary_diff(tmp_path):
+    """Through Ansible itself (-vvv --diff, the local connection): the secret_contents argument is no_log."""
+    project = Path(__file__).resolve().parents[2]
+    secret_path, ordinary_path = str(tmp_path / "celery.env"), str(tmp_path / "unit.conf")
+    arguments = {"files": [{"path": ordinary_path, "content": "ordinary line\n", "mode": "0644",
+                            "owner": OWNER, "group": GROUP},
+                           {"path": secret_path, "mode": "0600", "secret": True, "owner": OWNER, "group": GROUP}],
+                 "secret_contents": {secret_path: "CELERY_BROKER_URL=redis://:hunter2-secret@broker\n"}}
+    result = subprocess.run(
+        ["ansible", "localhost", "-c", "local", "-m", "celery_fleet_files", "-a", json.dumps(arguments), "--diff",
+         "-vvv"], capture_output=True, text=True, cwd=project, timeout=120,
+        env=dict(os.environ, ANSIBLE_CONFIG=str(project / "ansible.cfg"), ANSIBLE_INVENTORY="localhost,",
+                 ANSIBLE_PYTHON_INTERPRETER=sys.executable))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "hunter2" not in output, output
+    assert "+ordinary line" in output and "(secret: not shown, changed)" in output, output[-3000:]
+    assert (tmp_path / "celery.env").read_text() == "CELERY_BROKER_URL=redis://:hunter2-secret@broker\n"

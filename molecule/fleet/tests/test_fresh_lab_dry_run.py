@@ -17,8 +17,8 @@ def test_a_dry_run_on_the_fresh_lab_shows_changes_fails_nowhere_and_changes_noth
     tasks = fleetload.task_results(output)
     for task, host in [("celery_broker : Install Redis from Debian's packages", "broker1"),
                        ("celery_worker : Create the worker's unprivileged system user", "web1"),
-                       ("celery_worker : Write the worker units, the celery-fleet command and each instance's "
-                        "worker options and limits", "gpu1"),
+                       ("celery_worker : Write the environment file, the worker units, the celery-fleet command and "
+                        "each instance's options and limits", "gpu1"),
                        ("celery_monitor : Install Prometheus and Redis's exporter from Debian's packages",
                         "monitor1")]:
         assert f"changed: [{host}" in tasks.get(task, ""), (task, tasks.get(task, "(task not run)")[:2000])

@@ -36,7 +36,7 @@ def test_one_phase_runs_on_its_own(tag):
     output = assert_no_change("--tags", tag)
     # The phase ran, validated like a full run, and the others did not.
     assert "Assert the host's worker settings are valid" in output
-    phase_task = {"celery_worker_configure": "Write the worker units, the celery-fleet command and each instance's",
+    phase_task = {"celery_worker_configure": "Write the environment file, the worker units, the celery-fleet command",
                   "celery_worker_run": "Start and enable every worker instance"}[tag]
     assert phase_task in output
     assert "Install the application into the release virtualenv" not in output

@@ -371,7 +371,7 @@ def test_a_surge_roll_never_lowers_capacity_and_a_failed_surge_touches_nothing(f
         assert rc != 0, output[-4000:]
         assert ("gpu1: celery_worker_group_settings.rolling_mode is surge, which runs a second process of an instance "
                 "during its roll, on the same GPU(s)") in " ".join(output.split()), output[-4000:]
-        assert "TASK [celery_worker : Write the worker units" not in output, output[-4000:]
+        assert "TASK [celery_worker : Write the environment file, the worker units" not in output, output[-4000:]
         # (The extra vars apply to every host: gpu1, whose GPU group preflight refuses surge, is left out.)
         rc, output = fleet.run_playbook("site.yml", "--limit", "web,batch", "--extra-vars", surge)
         assert rc == 0, output[-4000:]
