@@ -616,6 +616,15 @@ def main():
     # guard"); a failure of the cancel itself is the drain's.
     guarded = params["action"] == "cancel_consumer" and bool(params["guard"])
     if guarded:
+        # The guard's arithmetic travels as a module_utils: a controller whose ansible.cfg lacks the project's
+        # module_utils path sends the module without it (an optional import to Ansible), said here, not as a broker error.
+        try:
+            _fleet_filters()
+        except Exception as error:  # noqa: BLE001 - ImportError, or a file that is not the filter (a broken link)
+            app.close()
+            module.fail_json(msg=f"Capacity guard: the fleet's filter plugin did not come with the module ({error}): "
+                                 "run from the project directory, whose ansible.cfg sets module_utils = "
+                                 "plugins/module_utils", step="capacity guard")
         try:
             reported["guard"] = within(params["deadline"], capacity_guard, app, params["guard"], params["timeout"])
         except Exception as error:  # noqa: BLE001 - any broker error is reported to the operator
